@@ -1,0 +1,231 @@
+"""Run configuration: one pydantic model per concern, loaded from YAML presets and `--set a.b=c` overrides.
+
+Unknown keys and bad values are errors that name the field, raised before any work starts.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, worded for the person who wrote the config."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class TinyModelConfig(Section):
+    """The built-in Llama-style model (head dimension 64 so vLLM's CPU attention can run it)."""
+
+    hidden_size: int = Field(128, gt=0)
+    num_layers: int = Field(2, gt=0)
+    num_heads: int = Field(2, gt=0)
+    intermediate_size: int = Field(512, gt=0)
+    max_length: int = Field(128, gt=0)
+
+
+class ModelConfig(Section):
+    name: str = Field("tiny", description="'tiny' (built in), a Hugging Face hub id, or a local model directory")
+    gguf_file: str | None = Field(None, description="GGUF file inside `name` to load through transformers")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
+    tiny: TinyModelConfig = TinyModelConfig()
+
+
+class ArithmeticTaskConfig(Section):
+    """Synthetic addition/subtraction; digits are written least-significant first, which a tiny model learns."""
+
+    name: Literal["arithmetic"] = "arithmetic"
+    digits: int = Field(2, ge=1, le=9)
+    ops: str = Field("+-", pattern=r"^[+\-]+$")
+    reverse_digits: bool = True
+    heldout_fraction: float = Field(0.05, gt=0, lt=1)
+
+
+TaskConfig = ArithmeticTaskConfig
+
+
+class SamplerConfig(Section):
+    backend: Literal["transformers"] = "transformers"
+    prompts_per_iteration: int = Field(64, gt=0, description="M: prompts in one preemptive batch")
+    group_size: int = Field(8, ge=2, description="G: completions per prompt")
+    batch_size: int | None = Field(None, gt=0, description="sequences per sampling call; None = all M x G at once")
+    max_new_tokens: int = Field(8, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    top_k: int = Field(0, ge=0, description="0 disables top-k")
+
+
+class AlgoConfig(Section):
+    rule: Literal["pg"] = "pg"
+    tau: float = Field(0.1, ge=0, description="gradient filter: drop samples with |A| < tau; 0 keeps all")
+    scale_std: bool = Field(True, description="divide group-centred rewards by the group's std")
+    max_empty_iterations: int = Field(20, gt=0, description="stop after this many iterations in a row with nothing kept")
+
+
+class LearnerConfig(Section):
+    lr: float = Field(3e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    micro_batch_size: int = Field(64, gt=0, description="sequences per forward+backward chunk")
+    grad_clip: float = Field(1.0, gt=0)
+
+
+class WarmupConfig(Section):
+    """Supervised warm-up on the task's human solutions; cached by its inputs so later runs reuse it.
+
+    A tiny model from random weights sits on a loss plateau for a seed-dependent number of steps, so the warm-up
+    stops once its sampled accuracy on fresh training problems reaches `target_accuracy`, not after a fixed count.
+    """
+
+    steps: int = Field(1500, ge=0, description="most supervised steps; 0 skips the warm-up")
+    batch_size: int = Field(128, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    target_accuracy: float | None = Field(0.2, gt=0, le=1, description="stop at this sampled accuracy; None runs all steps")
+    check_every: int = Field(25, gt=0, description="steps between accuracy checks")
+
+
+class EvalConfig(Section):
+    every: int = Field(25, gt=0, description="evaluate every N iterations (and before the first and after the last)")
+    size: int = Field(500, gt=0, description="held-out problems per evaluation")
+    temperature: float = Field(1.0, gt=0, description="temperature of the sampled accuracy")
+    log_samples: int = Field(20, ge=0, description="completions saved as an MLflow artifact per evaluation")
+
+
+class StoreConfig(Section):
+    url: str = Field("dash_runs", description="fsspec URL of the rollout store: a local folder, s3://bucket/prefix, ...")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (e.g. endpoint)")
+
+
+class TrackingConfig(Section):
+    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
+    experiment: str = "dash"
+    run_name: str | None = None
+
+
+class CheckpointConfig(Section):
+    every: int = Field(1, gt=0, description="checkpoint every N iterations")
+    keep: int = Field(2, gt=0, description="checkpoints kept in the store (older ones are deleted)")
+
+
+class DashConfig(Section):
+    iterations: int = Field(200, gt=0)
+    seed: int = 0
+    threads: int | None = Field(None, gt=0, description="torch CPU threads; None leaves torch's default")
+    model: ModelConfig = ModelConfig()
+    task: TaskConfig = TaskConfig()
+    sampler: SamplerConfig = SamplerConfig()
+    algo: AlgoConfig = AlgoConfig()
+    learner: LearnerConfig = LearnerConfig()
+    warmup: WarmupConfig = WarmupConfig()
+    eval: EvalConfig = EvalConfig()
+    store: StoreConfig = StoreConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> DashConfig:
+        if self.sampler.batch_size is not None and self.sampler.batch_size % self.sampler.group_size:
+            raise ValueError("sampler.batch_size must be a multiple of sampler.group_size (whole groups per call)")
+        return self
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys to values, the form MLflow params take."""
+        return _flatten(self.model_dump(mode="json"))
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path} (pass an existing YAML file to --config)")
+    try:
+        with path.open() as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of config sections, got {type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`algo.tau=0.2` -> (['algo', 'tau'], 0.2); values are read as YAML scalars/lists."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} must look like section.key=value, e.g. algo.tau=0.2")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"override {text!r}: value is not valid YAML: {exc}") from exc
+    return key.strip().split("."), value
+
+
+def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> DashConfig:
+    """Defaults <- `base` (e.g. a resumed run's config) <- YAML file <- `--set` overrides, then validate."""
+    data = dict(base or {})
+    if path is not None:
+        data = merge(data, read_yaml(path))
+    for text in overrides:
+        keys, value = parse_override(text)
+        update: Any = value
+        for key in reversed(keys):
+            update = {key: update}
+        data = merge(data, update)
+    return validate(data, source=str(path) if path else "config")
+
+
+def validate(data: dict[str, Any], source: str = "config") -> DashConfig:
+    try:
+        return DashConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(f"invalid {source}:\n" + "\n".join(_describe(err) for err in exc.errors())) from None
+
+
+def _describe(err: dict[str, Any]) -> str:
+    loc = [str(part) for part in err["loc"]]
+    field = ".".join(loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        parent = _section_at(loc[:-1])
+        known = ", ".join(parent.model_fields) if parent else "?"
+        return f"  {field}: unknown key (valid keys here: {known})"
+    return f"  {field}: {err['msg']} (got {err.get('input')!r})"
+
+
+def _section_at(path: list[str]) -> type[BaseModel] | None:
+    model: type[BaseModel] = DashConfig
+    for name in path:
+        field = model.model_fields.get(name)
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return None
+        model = field.annotation
+    return model

@@ -1,0 +1,217 @@
+"""A training run's working parts and the phases of one iteration, free of any orchestration.
+
+`TrainingRun` holds what lives in memory for the whole run (policy, sampler, learner, task, store, tracker);
+each phase method takes and returns small values (rollouts, a batch manifest, metrics), so an orchestrator can
+wrap every phase as a task and the phases stay testable alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from dash_core.advantages import gradient_filter, group_advantages
+from dash_core.checkpoint import load_latest, save_checkpoint, set_rng_state
+from dash_core.config import DashConfig
+from dash_core.data import Problem, build_task
+from dash_core.evaluation import evaluate
+from dash_core.learner import Learner
+from dash_core.models import load_policy
+from dash_core.prompts import encode_prompts
+from dash_core.rules import RULES
+from dash_core.samplers import Generation, SamplingParams, build_sampler
+from dash_core.sft import train_supervised
+from dash_core.store import BatchManifest, RunStore
+from dash_core.tracking import Tracker
+
+log = logging.getLogger(__name__)
+LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]
+
+
+class EverythingFilteredError(RuntimeError):
+    """Every group had equal rewards for too long: no gradient is left and the run cannot recover."""
+
+
+@dataclass
+class Rollouts:
+    """One preemptive batch: M problems and their M x G completions, prompt-major."""
+
+    iteration: int
+    problems: list[Problem]
+    prompt_ids: list[list[int]]
+    generations: list[Generation]
+
+
+class TrainingRun:
+    def __init__(self, config: DashConfig, tracker: Tracker, store: RunStore, checkpoint_dir: str | None = None):
+        self.config = config
+        self.tracker = tracker
+        self.store = store
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.task = build_task(config.task, config.seed)
+        self.heldout = self.task.heldout_problems(config.eval.size)
+        self.policy, self.tokenizer = load_policy(config.model, config.seed, path=checkpoint_dir)
+        self.sampler = build_sampler(config.sampler, self.policy, self.tokenizer)
+        self.learner = Learner(self.policy, config.learner, RULES[config.algo.rule], self.tokenizer.pad_token_id)
+        self.iteration = 0  # iterations whose update is in the weights
+        self.checkpointed = 0
+        self.samples_total = 0
+        self.empty_iterations = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.tracker.run_id
+
+    @classmethod
+    def start(cls, config: DashConfig) -> TrainingRun:
+        tracker = Tracker.create(config)
+        store = RunStore(config.store.url, tracker.run_id, config.store.storage_options)
+        store.write_bytes("config.yaml", config.to_yaml().encode())
+        return cls(config, tracker, store)
+
+    @classmethod
+    def resume(cls, config: DashConfig, run_id: str) -> TrainingRun:
+        """Continue `run_id` from its latest checkpoint (or from the start if it has none)."""
+        tracker = Tracker.reopen(config.tracking, run_id)
+        store = RunStore(config.store.url, run_id, config.store.storage_options)
+        with tempfile.TemporaryDirectory() as tmp:
+            checkpoint = load_latest(store, tmp)
+            if checkpoint is None:
+                log.warning("run %s has no checkpoint yet: starting it from the beginning", run_id)
+                return cls(config, tracker, store)
+            run = cls(config, tracker, store, checkpoint_dir=str(checkpoint.model_dir))
+        state = checkpoint.trainer_state
+        run.learner.optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        run.iteration = run.checkpointed = checkpoint.iteration
+        run.samples_total = state["samples_total"]
+        run.empty_iterations = state["empty_iterations"]
+        log.info("resumed run %s at iteration %d", run_id, run.iteration)
+        return run
+
+    # -- phases ------------------------------------------------------------------------------------------------
+    def warm_up(self) -> dict[str, float]:
+        """Supervised warm-up on the task's human solutions, cached in the store by everything it depends on."""
+        cfg = self.config
+        key = hashlib.sha256(
+            json.dumps([cfg.model.model_dump(), cfg.task.model_dump(), cfg.warmup.model_dump(), cfg.seed]).encode()
+        ).hexdigest()[:16]
+        cache = RunStore(cfg.store.url, f"warmup/{key}", cfg.store.storage_options)
+        start = time.perf_counter()
+        if cache.exists("done.json"):
+            with tempfile.TemporaryDirectory() as tmp:
+                cache.get_dir("model", tmp)
+                cached, _ = load_policy(cfg.model, path=tmp)
+            self.policy.load_state_dict(cached.state_dict())
+            losses = cache.read_json("done.json")["losses"]
+        else:
+            batches = (self.task.train_problems(step, cfg.warmup.batch_size, stream="warmup") for step in range(cfg.warmup.steps))
+            losses = train_supervised(self.policy, self.tokenizer, batches, cfg.warmup.lr, done=self._warm_enough)
+            with tempfile.TemporaryDirectory() as tmp:
+                self.policy.save_pretrained(tmp)
+                self.tokenizer.save_pretrained(tmp)
+                cache.put_dir(tmp, "model")
+            cache.write_json("done.json", {"losses": losses})
+        self.sync()
+        return {"warmup/loss": losses[-1], "warmup/steps": len(losses), "time/warmup_s": time.perf_counter() - start}
+
+    def _warm_enough(self, step: int) -> bool:
+        target, every = self.config.warmup.target_accuracy, self.config.warmup.check_every
+        if target is None or step % every:
+            return False
+        problems = self.task.train_problems(0, 256, stream="warmup-check")
+        result = evaluate("warmup", self.task, problems, self.sampler, self.tokenizer, self.config.sampler.max_new_tokens)
+        return result.metrics["eval/warmup/sampled_accuracy"] >= target
+
+    def sample(self, iteration: int) -> Rollouts:
+        cfg = self.config.sampler
+        problems = self.task.train_problems(iteration, cfg.prompts_per_iteration)
+        prompt_ids = encode_prompts(self.tokenizer, problems)
+        torch.manual_seed(self.config.seed * 1_000_003 + iteration)
+        params = SamplingParams(cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        return Rollouts(iteration, problems, prompt_ids, self.sampler.generate(prompt_ids, params))
+
+    def score(self, rollouts: Rollouts) -> tuple[BatchManifest, dict[str, float]]:
+        """Reward, group advantages and the gradient filter; the batch is written to the rollout store once."""
+        group = self.config.sampler.group_size
+        problems = [p for p in rollouts.problems for _ in range(group)]
+        gens = rollouts.generations
+        rewards = torch.tensor(self.task.grade(problems, [g.text for g in gens]), dtype=torch.float32)
+        advantages = group_advantages(rewards.view(-1, group), self.config.algo.scale_std).flatten()
+        kept = gradient_filter(advantages, self.config.algo.tau)
+        columns = {
+            "iteration": [rollouts.iteration] * len(gens),
+            "problem_id": [p.id for p in problems],
+            "group": [i // group for i in range(len(gens))],
+            "prompt": [p.prompt for p in problems],
+            "completion": [g.text for g in gens],
+            "prompt_ids": [rollouts.prompt_ids[i // group] for i in range(len(gens))],
+            "completion_ids": [g.token_ids for g in gens],
+            "sampler_logprobs": [g.logprobs for g in gens],
+            "finish_reason": [g.finish_reason for g in gens],
+            "reward": rewards.tolist(),
+            "advantage": advantages.tolist(),
+            "kept": kept.tolist(),
+        }
+        kept_tokens = sum(len(g.token_ids) for g, k in zip(gens, kept.tolist()) if k)
+        manifest = self.store.write_batch(rollouts.iteration, columns, kept_tokens)
+        self.samples_total += len(gens)
+        return manifest, {
+            "reward/mean": rewards.mean().item(),
+            "reward/std": rewards.std().item(),
+            "train/kept_fraction": kept.float().mean().item(),
+            "train/abs_adv_mean": advantages.abs().mean().item(),
+            "gen/length_mean": sum(len(g.token_ids) for g in gens) / len(gens),
+            "samples/total": self.samples_total,
+        }
+
+    def learn(self, manifest: BatchManifest) -> dict[str, float]:
+        """Request the kept samples from the store chunk by chunk and take one optimizer step."""
+        if manifest.kept == 0:
+            self.empty_iterations += 1
+            if self.empty_iterations >= self.config.algo.max_empty_iterations:
+                raise EverythingFilteredError(
+                    f"{self.empty_iterations} iterations in a row had every group all-right or all-wrong, so the "
+                    "gradient filter kept nothing and the policy cannot change. The policy has likely collapsed: "
+                    "resume from an earlier checkpoint with a lower learner.lr, or use a larger sampler.group_size."
+                )
+            log.warning("iteration %d: every group had equal rewards; nothing to learn from", manifest.iteration)
+            self.iteration = manifest.iteration
+            return {"train/loss": 0.0, "train/grad_norm": 0.0}
+        self.empty_iterations = 0
+        chunks = self.store.kept_chunks(manifest, self.config.learner.micro_batch_size, LEARNER_COLUMNS)
+        stats = self.learner.step(chunks, manifest.kept_tokens)
+        self.iteration = manifest.iteration
+        return stats.metrics()
+
+    def sync(self) -> None:
+        self.sampler.load_weights(self.policy)
+
+    def evaluate(self, iteration: int) -> dict[str, float]:
+        cfg = self.config
+        result = evaluate(
+            self.task.name, self.task, self.heldout, self.sampler, self.tokenizer, cfg.sampler.max_new_tokens, cfg.eval.temperature
+        )
+        if cfg.eval.log_samples:
+            self.tracker.log_jsonl(result.samples[: cfg.eval.log_samples], f"samples/eval_iter_{iteration:06d}.jsonl")
+        return result.metrics
+
+    def checkpoint(self) -> str:
+        state = {
+            "optimizer": self.learner.optimizer.state_dict(),
+            "samples_total": self.samples_total,
+            "empty_iterations": self.empty_iterations,
+        }
+        path = save_checkpoint(self.store, self.iteration, self.policy, self.tokenizer, state, self.config.checkpoint.keep)
+        self.checkpointed = self.iteration
+        return path
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        self.tracker.log_metrics(metrics, step)

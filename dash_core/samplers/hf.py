@@ -1,0 +1,70 @@
+"""The transformers `generate` backend: always available, samples the preemptive batch in as few calls as fit."""
+
+from __future__ import annotations
+
+import torch
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+
+from dash_core.samplers.base import Generation, SamplingParams
+
+
+class TransformersSampler:
+    """Samples from the policy object itself, so weights are current after every optimizer step at no cost."""
+
+    def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int | None = None):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+
+    def load_weights(self, policy: PreTrainedModel) -> None:
+        self.policy = policy
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        expanded = [prompt for prompt in prompts for _ in range(params.n)]
+        size = self.batch_size or len(expanded)
+        was_training = self.policy.training
+        self.policy.eval()
+        try:
+            return [g for start in range(0, len(expanded), size) for g in self._generate(expanded[start : start + size], params)]
+        finally:
+            self.policy.train(was_training)
+
+    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
+        width = max(len(p) for p in prompts)
+        device = self.policy.device
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        out = self.policy.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=self._generation_config(params),
+        )
+        tokens = out.sequences[:, width:]
+        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        generations = []
+        for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
+            stop = row.index(eos) + 1 if eos in row else len(row)
+            finish = "stop" if eos in row else "length"
+            ids = row[:stop]
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            generations.append(Generation(ids, row_logprobs[:stop], text, finish))
+        return generations
+
+    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
+        # Every field that shapes the distribution is set, so a model's own generation defaults
+        # (repetition penalties, top-k) never make sampling drift from the policy the learner sees.
+        greedy = params.temperature == 0
+        return GenerationConfig(
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=None if greedy else params.top_k,
+            repetition_penalty=1.0,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.tokenizer.eos_token_id,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )

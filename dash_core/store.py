@@ -1,0 +1,115 @@
+"""The rollout store: a run's folder behind any fsspec URL (local folder by default, s3:// with s3fs).
+
+Each iteration's batch is written once, as one Parquet file plus a JSON manifest. Files are written under a
+temporary name and moved into place, and the manifest goes last, so a batch is complete exactly when its manifest
+exists. Kept samples come first in the file, so the learner reads them back by chunk and never touches the rest;
+the filtered ones stay in the file for inspection.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import uuid
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+
+@dataclass(frozen=True)
+class BatchManifest:
+    """What the learner needs to request a batch: cheap to pass between tasks and to persist."""
+
+    iteration: int
+    path: str
+    rows: int
+    kept: int
+    kept_tokens: int
+
+
+class RunStore:
+    def __init__(self, url: str, run_id: str, storage_options: dict[str, Any] | None = None):
+        self.fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+        self.root = posixpath.join(root.rstrip("/"), run_id)
+        self.url = url.rstrip("/") + "/" + run_id
+        try:
+            self.fs.makedirs(self.root, exist_ok=True)
+        except (OSError, PermissionError) as exc:
+            raise OSError(f"rollout store {url!r} is not writable: {exc}. Check store.url and its credentials.") from exc
+
+    def path(self, *parts: str) -> str:
+        return posixpath.join(self.root, *parts)
+
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    # -- small files -------------------------------------------------------------------------------------------
+    def write_bytes(self, relpath: str, data: bytes) -> None:
+        target = self.path(relpath)
+        tmp = f"{target}.tmp-{uuid.uuid4().hex}"
+        self.fs.makedirs(posixpath.dirname(target), exist_ok=True)
+        with self.fs.open(tmp, "wb") as f:
+            f.write(data)
+        self.fs.mv(tmp, target)
+
+    def read_bytes(self, relpath: str) -> bytes:
+        with self.fs.open(self.path(relpath), "rb") as f:
+            return f.read()
+
+    def write_json(self, relpath: str, obj: Any) -> None:
+        self.write_bytes(relpath, json.dumps(obj, indent=1).encode())
+
+    def read_json(self, relpath: str) -> Any:
+        return json.loads(self.read_bytes(relpath))
+
+    # -- folders (checkpoints) ---------------------------------------------------------------------------------
+    def put_dir(self, local: str | Path, relpath: str) -> None:
+        self.fs.makedirs(self.path(relpath), exist_ok=True)
+        for file in sorted(Path(local).iterdir()):
+            self.fs.put_file(str(file), self.path(relpath, file.name))
+
+    def get_dir(self, relpath: str, local: str | Path) -> None:
+        for remote in self.fs.ls(self.path(relpath), detail=False):
+            self.fs.get_file(remote, str(Path(local) / posixpath.basename(remote)))
+
+    def remove(self, relpath: str) -> None:
+        if self.exists(relpath):
+            self.fs.rm(self.path(relpath), recursive=True)
+
+    # -- rollout batches ---------------------------------------------------------------------------------------
+    def write_batch(self, iteration: int, columns: dict[str, list], kept_tokens: int) -> BatchManifest:
+        """`columns` must hold a boolean `kept` column; kept rows are written first."""
+        table = pa.table(columns)
+        table = table.take(pa.array(sorted(range(table.num_rows), key=lambda i: not columns["kept"][i])))
+        relpath = f"rollouts/iter_{iteration:06d}/batch.parquet"
+        sink = pa.BufferOutputStream()
+        pq.write_table(table, sink)
+        self.write_bytes(relpath, sink.getvalue().to_pybytes())
+        manifest = BatchManifest(iteration, relpath, table.num_rows, sum(columns["kept"]), kept_tokens)
+        self.write_json(f"rollouts/iter_{iteration:06d}/manifest.json", asdict(manifest))
+        return manifest
+
+    def manifest(self, iteration: int) -> BatchManifest:
+        relpath = f"rollouts/iter_{iteration:06d}/manifest.json"
+        if not self.exists(relpath):
+            raise FileNotFoundError(f"no complete rollout batch for iteration {iteration} in {self.url}")
+        return BatchManifest(**self.read_json(relpath))
+
+    def read_batch(self, iteration: int) -> pa.Table:
+        with self.fs.open(self.path(self.manifest(iteration).path), "rb") as f:
+            return pq.read_table(f)
+
+    def kept_chunks(self, manifest: BatchManifest, size: int, columns: list[str] | None = None) -> Iterator[dict[str, list]]:
+        """The kept samples of a batch, `size` rows at a time, as the learner requests them."""
+        remaining = manifest.kept
+        with self.fs.open(self.path(manifest.path), "rb") as f:
+            for batch in pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns):
+                if remaining <= 0:
+                    return
+                yield batch.slice(0, remaining).to_pydict()
+                remaining -= batch.num_rows

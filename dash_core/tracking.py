@@ -1,0 +1,72 @@
+"""MLflow tracking: params once (the resolved config), metrics per iteration, artifacts (config, samples).
+
+Uses `MlflowClient` with an explicit run id rather than the fluent API's active run, so logging from any thread
+(Prefect tasks) lands in the right run.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from mlflow.entities import Metric, Param, RunStatus
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from dash_core.config import ConfigError, DashConfig, TrackingConfig
+
+CONFIG_ARTIFACT = "config.yaml"
+
+
+class Tracker:
+    def __init__(self, cfg: TrackingConfig, run_id: str):
+        self.client = MlflowClient(tracking_uri=cfg.uri)
+        self.run_id = run_id
+
+    @classmethod
+    def create(cls, config: DashConfig, tags: dict[str, str] | None = None) -> Tracker:
+        client = MlflowClient(tracking_uri=config.tracking.uri)
+        experiment = client.get_experiment_by_name(config.tracking.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
+        run = client.create_run(experiment_id, run_name=config.tracking.run_name, tags=tags)
+        tracker = cls(config.tracking, run.info.run_id)
+        params = [Param(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value)) for key, value in config.flat().items()]
+        for start in range(0, len(params), 100):
+            client.log_batch(tracker.run_id, params=params[start : start + 100])
+        tracker.log_text(config.to_yaml(), CONFIG_ARTIFACT)
+        return tracker
+
+    @classmethod
+    def reopen(cls, cfg: TrackingConfig, run_id: str) -> Tracker:
+        tracker = cls(cfg, run_id)
+        try:
+            tracker.client.get_run(run_id)
+        except MlflowException as exc:
+            raise ConfigError(f"no MLflow run {run_id!r} at {cfg.uri}: {exc.message}. Check the run id and tracking.uri.") from None
+        tracker.client.update_run(run_id, status=RunStatus.to_string(RunStatus.RUNNING))
+        return tracker
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+
+    def log_text(self, text: str, path: str) -> None:
+        self.client.log_text(self.run_id, text, path)
+
+    def log_jsonl(self, rows: list[dict], path: str) -> None:
+        self.log_text("".join(json.dumps(row) + "\n" for row in rows), path)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def run_config(cfg: TrackingConfig, run_id: str) -> str:
+    """The YAML config a run was started with, for `--resume`."""
+    client = MlflowClient(tracking_uri=cfg.uri)
+    try:
+        client.get_run(run_id)
+        path = client.download_artifacts(run_id, CONFIG_ARTIFACT)
+    except MlflowException as exc:
+        raise ConfigError(f"cannot resume run {run_id!r} from {cfg.uri}: {exc.message}") from None
+    with open(path) as f:
+        return f.read()

@@ -1,0 +1,1 @@
+"""Prefect flows (train, ...) and the `dashrl` command line."""

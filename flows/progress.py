@@ -1,0 +1,64 @@
+"""Live progress of a training run and its closing summary, drawn with rich."""
+
+from __future__ import annotations
+
+import time
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+
+class TrainingProgress:
+    def __init__(self, total: int, done: int, eval_name: str, console: Console | None = None):
+        self.console = console or Console()
+        self.eval_name = eval_name
+        self.started = time.perf_counter()
+        self.evals: list[tuple[int, dict[str, float]]] = []
+        self.progress = Progress(
+            TextColumn("[bold]iter"),
+            MofNCompleteColumn(),
+            BarColumn(bar_width=20),
+            TextColumn("{task.description}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=self.console,
+        )
+        self.bar = self.progress.add_task("", total=total, completed=done)
+
+    def __enter__(self) -> TrainingProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def iteration(self, iteration: int, m: dict[str, float]) -> None:
+        self.progress.update(
+            self.bar,
+            completed=iteration,
+            description=(
+                f"reward {m['reward/mean']:.3f}  kept {m['train/kept_fraction']:.2f}  "
+                f"sample {m['time/sample_s']:.2f}s  learn {m['time/learn_s']:.2f}s  sync {m['time/sync_s']:.2f}s"
+            ),
+        )
+
+    def evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
+        self.evals.append((iteration, metrics))
+        prefix = f"eval/{self.eval_name}/"
+        shown = "  ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
+        self.console.print(f"[cyan]eval @ iter {iteration}[/]  {shown}")
+
+    def summary(self, run_id: str, samples: int) -> None:
+        table = Table(title=f"DASH run {run_id}")
+        table.add_column("held-out metric")
+        table.add_column(f"start (iter {self.evals[0][0]})" if self.evals else "start", justify="right")
+        table.add_column(f"end (iter {self.evals[-1][0]})" if self.evals else "end", justify="right")
+        table.add_column("change", justify="right")
+        if self.evals:
+            first, last = self.evals[0][1], self.evals[-1][1]
+            for key in first:
+                if key in last:
+                    table.add_row(key, f"{first[key]:.3f}", f"{last[key]:.3f}", f"{last[key] - first[key]:+.3f}")
+        self.console.print(table)
+        self.console.print(f"samples {samples:,}  wall-clock {time.perf_counter() - self.started:.0f} s")

@@ -1,0 +1,67 @@
+"""The `dash-train` flow: warm-up, then per iteration sample -> reward+filter -> learn -> sync, with periodic
+evaluation and checkpoints. Every phase is a Prefect task and every phase is timed; all metrics go to MLflow.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+
+from prefect import flow
+
+from dash_core.config import DashConfig
+from dash_core.run import TrainingRun
+from flows.progress import TrainingProgress
+from tasks.training import checkpoint, evaluate, learn, reward_and_filter, sample, sync_weights, warm_up
+
+
+@contextmanager
+def timed(metrics: dict[str, float], name: str):
+    start = time.perf_counter()
+    yield
+    metrics[name] = time.perf_counter() - start
+
+
+@flow(name="dash-train")
+def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> str:
+    """Train a policy with DASH; returns the MLflow run id (pass it to `--resume` to continue)."""
+    run = TrainingRun.resume(config, resume) if resume else TrainingRun.start(config)
+    progress = TrainingProgress(config.iterations, run.iteration, run.task.name)
+    progress.console.print(f"run {run.run_id}: rollouts and checkpoints in {run.store.url}")
+    try:
+        if run.iteration == 0:
+            if config.warmup.steps:
+                run.log(warm_up(run), 0)
+            scores = evaluate(run, 0)
+            run.log(scores, 0)
+            progress.evaluation(0, scores)
+        with progress:
+            for iteration in range(run.iteration + 1, config.iterations + 1):
+                metrics: dict[str, float] = {}
+                with timed(metrics, "time/iteration_s"):
+                    with timed(metrics, "time/sample_s"):
+                        rollouts = sample(run, iteration)
+                    with timed(metrics, "time/reward_s"):
+                        manifest, scores = reward_and_filter(run, rollouts)
+                    with timed(metrics, "time/learn_s"):
+                        learned = learn(run, manifest)
+                    with timed(metrics, "time/sync_s"):
+                        sync_weights(run)
+                metrics |= scores | learned
+                progress.iteration(iteration, metrics)
+                if iteration % config.eval.every == 0 or iteration == config.iterations:
+                    scores = evaluate(run, iteration)
+                    metrics |= scores
+                    progress.evaluation(iteration, scores)
+                run.log(metrics, iteration)
+                if iteration % config.checkpoint.every == 0 or iteration == config.iterations:
+                    checkpoint(run)
+    except BaseException as exc:
+        # Keep what the weights already hold, so `--resume` loses at most the interrupted iteration.
+        if run.iteration > run.checkpointed:
+            run.checkpoint()
+        run.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        raise
+    run.tracker.finish()
+    progress.summary(run.run_id, run.samples_total)
+    return run.run_id
