@@ -50,9 +50,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 2
     _quiet_defaults()
+    from dash_core.learner import NonFiniteLossError
+    from dash_core.run import EverythingFilteredError
     from flows.train import dash_train
 
-    dash_train(config=config, resume=args.resume)
+    try:
+        dash_train(config=config, resume=args.resume)
+    except (ConfigError, NonFiniteLossError, EverythingFilteredError, OSError) as exc:
+        print(f"dashrl: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("dashrl: interrupted; the last iteration's weights were checkpointed", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -4,6 +4,7 @@ evaluation and checkpoints. Every phase is a Prefect task and every phase is tim
 
 from __future__ import annotations
 
+import logging
 import time
 from contextlib import contextmanager
 
@@ -13,6 +14,8 @@ from dash_core.config import DashConfig
 from dash_core.run import TrainingRun
 from flows.progress import TrainingProgress
 from tasks.training import checkpoint, evaluate, learn, reward_and_filter, sample, sync_weights, warm_up
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
@@ -59,8 +62,12 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
     except BaseException as exc:
         # Keep what the weights already hold, so `--resume` loses at most the interrupted iteration.
         if run.iteration > run.checkpointed:
-            run.checkpoint()
+            try:
+                run.checkpoint()
+            except Exception:
+                log.exception("could not save a checkpoint after the failure; resume starts from iteration %d", run.checkpointed)
         run.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+        progress.console.print(f"[red]stopped at iteration {run.iteration}[/]: resume with  dashrl train --resume {run.run_id}")
         raise
     run.tracker.finish()
     progress.summary(run.run_id, run.samples_total)

@@ -26,20 +26,31 @@ class ArithmeticTask:
         """Problems for batch `index` of a stream ('rl', 'warmup'): the same for the same seed, never held-out."""
         rng = random.Random(f"{self.seed}:{stream}:{index}")
         problems: list[Problem] = []
-        while len(problems) < count:
+        for _ in range(self._attempts(count)):
             problem = self._draw(rng)
             if not self._is_heldout(problem):
                 problems.append(problem)
-        return problems
+                if len(problems) == count:
+                    return problems
+        raise ValueError(f"task.heldout_fraction={self.cfg.heldout_fraction} leaves almost no training problems; lower it")
 
     def heldout_problems(self, count: int) -> list[Problem]:
         rng = random.Random(f"{self.seed}:heldout")
         found: dict[str, Problem] = {}
-        while len(found) < count:
+        for _ in range(self._attempts(count)):
             problem = self._draw(rng)
             if self._is_heldout(problem):
                 found.setdefault(problem.id, problem)
-        return list(found.values())
+                if len(found) == count:
+                    return list(found.values())
+        raise ValueError(
+            f"only {len(found)} distinct held-out problems found for task.digits={self.cfg.digits}, "
+            f"but eval.size={count}: lower eval.size or raise task.heldout_fraction"
+        )
+
+    def _attempts(self, count: int) -> int:
+        """Draws allowed before concluding that the problem space is too small (50x the expected need)."""
+        return int(50 * count / min(self.cfg.heldout_fraction, 1 - self.cfg.heldout_fraction)) + 1000
 
     def grade(self, problems: list[Problem], completions: list[str]) -> list[float]:
         return [float(text.strip() == problem.answer) for problem, text in zip(problems, completions, strict=True)]

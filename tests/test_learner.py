@@ -1,0 +1,104 @@
+import copy
+import math
+
+import pytest
+import torch
+
+from dash_core.config import LearnerConfig, ModelConfig, TinyModelConfig
+from dash_core.learner import Learner, NonFiniteLossError, completion_logprobs
+from dash_core.models import load_policy
+from dash_core.rules import pg
+from dash_core.samplers import SamplingParams, TransformersSampler
+
+TINY = ModelConfig(tiny=TinyModelConfig(hidden_size=64, num_heads=1, intermediate_size=128))
+
+
+@pytest.fixture(scope="module")
+def policy_and_tokenizer():
+    return load_policy(TINY, seed=0)
+
+
+def make_batch(tokenizer, n=8):
+    prompts = [tokenizer(f"{i}{i}+{i}=")["input_ids"] for i in range(n)]
+    completions = [tokenizer("1" * (1 + i % 4))["input_ids"] for i in range(n)]
+    return {
+        "prompt_ids": prompts,
+        "completion_ids": completions,
+        "advantage": [(-1.0) ** i * (0.5 + i / 10) for i in range(n)],
+        "sampler_logprobs": [[-1.0] * len(c) for c in completions],
+    }
+
+
+def chunks_of(batch, size):
+    n = len(batch["prompt_ids"])
+    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+def test_pg_loss_matches_hand_computation():
+    logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    chunk = {"advantage": torch.tensor([2.0, -1.0])}
+    # -(2 * (-1 - 2) + (-1) * (-1.5)) / 5 = -(-6 + 1.5) / 5 = 0.9
+    assert pg(logp, mask, chunk, total_tokens=5).item() == pytest.approx(0.9)
+
+
+def test_completion_logprobs_match_a_direct_forward(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    prompt, completion = tokenizer("12+3=")["input_ids"], tokenizer("51")["input_ids"]
+    logp, mask = completion_logprobs(policy, [prompt, prompt[:2]], [completion, completion + completion], tokenizer.pad_token_id)
+    with torch.no_grad():
+        logits = policy(torch.tensor([prompt + completion])).logits[0].log_softmax(-1)
+    expected = [logits[len(prompt) - 1 + j, t].item() for j, t in enumerate(completion)]
+    assert logp[0, :2].tolist() == pytest.approx(expected, abs=1e-5)
+    assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
+
+
+def test_chunked_accumulation_gives_the_full_batch_gradient(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    batch = make_batch(tokenizer)
+    total = sum(len(c) for c in batch["completion_ids"])
+    cfg = LearnerConfig(grad_clip=1e9, lr=1e-3)
+    full = Learner(copy.deepcopy(policy), cfg, pg, tokenizer.pad_token_id)
+    chunked = Learner(copy.deepcopy(policy), cfg, pg, tokenizer.pad_token_id)
+    stats_full = full.step(chunks_of(batch, 8), total)
+    stats_chunked = chunked.step(chunks_of(batch, 3), total)
+    assert stats_chunked.loss == pytest.approx(stats_full.loss, rel=1e-5)
+    assert stats_chunked.grad_norm == pytest.approx(stats_full.grad_norm, rel=1e-4)
+    for a, b in zip(full.policy.parameters(), chunked.policy.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_step_changes_weights_and_reports_tokens(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    learner = Learner(copy.deepcopy(policy), LearnerConfig(lr=1e-2), pg, tokenizer.pad_token_id)
+    before = [p.detach().clone() for p in learner.policy.parameters()]
+    batch = make_batch(tokenizer)
+    stats = learner.step(chunks_of(batch, 4), sum(len(c) for c in batch["completion_ids"]))
+    assert stats.sequences == 8 and stats.tokens == sum(len(c) for c in batch["completion_ids"])
+    assert any(not torch.equal(a, b) for a, b in zip(before, learner.policy.parameters()))
+
+
+def test_non_finite_loss_stops_without_touching_weights(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    learner = Learner(copy.deepcopy(policy), LearnerConfig(), pg, tokenizer.pad_token_id)
+    before = [p.detach().clone() for p in learner.policy.parameters()]
+    batch = make_batch(tokenizer, 4)
+    batch["advantage"][1] = math.nan
+    with pytest.raises(NonFiniteLossError, match="step was not taken.*Lower learner.lr"):
+        learner.step(chunks_of(batch, 2), 8)
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.policy.parameters()))
+
+
+def test_sampler_logprobs_match_the_learner_recomputation(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    sampler = TransformersSampler(policy, tokenizer, batch_size=6)
+    prompts = [tokenizer(text)["input_ids"] for text in ["1+2=", "33+44=", "5-5="]]
+    torch.manual_seed(0)
+    gens = sampler.generate(prompts, SamplingParams(n=4, max_new_tokens=6))
+    assert len(gens) == 12 and all(g.finish_reason in ("stop", "length") for g in gens)
+    assert all(len(g.token_ids) == len(g.logprobs) for g in gens)
+    prompt_ids = [p for p in prompts for _ in range(4)]
+    logp, mask = completion_logprobs(policy, prompt_ids, [g.token_ids for g in gens], tokenizer.pad_token_id)
+    for row, g in enumerate(gens):
+        assert logp[row, : len(g.logprobs)].tolist() == pytest.approx(g.logprobs, abs=1e-4)
