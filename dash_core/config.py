@@ -6,10 +6,10 @@ Unknown keys and bad values are errors that name the field, raised before any wo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -35,6 +35,7 @@ class ModelConfig(Section):
     gguf_file: str | None = Field(None, description="GGUF file inside `name` to load through transformers")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = Field("auto", description="'auto' picks cuda when available, else cpu")
+    use_chat_template: bool = Field(True, description="wrap prompts in the tokenizer's chat template when it has one")
     tiny: TinyModelConfig = TinyModelConfig()
 
 
@@ -48,7 +49,28 @@ class ArithmeticTaskConfig(Section):
     heldout_fraction: float = Field(0.05, gt=0, lt=1)
 
 
-TaskConfig = ArithmeticTaskConfig
+DATASET_NAMES = Literal["math", "math500", "gsm8k", "mbpp", "mbppplus"]
+
+
+class DatasetConfig(Section):
+    """A public set (see dash_core/data/datasets.py): a local file/folder, or the hub when `path` is None."""
+
+    name: DATASET_NAMES
+    path: str | None = Field(None, description="local jsonl / jsonl.gz / parquet file or folder")
+    split: str | None = Field(None, description="train / test / all; None takes the set's usual split")
+    size: int | None = Field(None, gt=0, description="a seeded random subset of this many problems")
+    prompt_template: str | None = Field(None, description="'{question}' is replaced by the problem text")
+
+
+def _task_kind(value: Any) -> str:
+    name = value.get("name", "arithmetic") if isinstance(value, dict) else value.name
+    return "arithmetic" if name == "arithmetic" else "dataset"
+
+
+TASK_KINDS: dict[str, type[BaseModel]] = {"arithmetic": ArithmeticTaskConfig, "dataset": DatasetConfig}
+TaskConfig = Annotated[
+    Annotated[ArithmeticTaskConfig, Tag("arithmetic")] | Annotated[DatasetConfig, Tag("dataset")], Discriminator(_task_kind)
+]
 
 
 class SamplerConfig(Section):
@@ -92,9 +114,19 @@ class WarmupConfig(Section):
 
 class EvalConfig(Section):
     every: int = Field(25, gt=0, description="evaluate every N iterations (and before the first and after the last)")
-    size: int = Field(500, gt=0, description="held-out problems per evaluation")
+    size: int = Field(500, gt=0, description="held-out problems of a generated task (arithmetic) per evaluation")
+    datasets: list[DatasetConfig] = Field(default_factory=list, description="evaluation sets (in and out of distribution)")
     temperature: float = Field(1.0, gt=0, description="temperature of the sampled accuracy")
+    n: int = Field(1, gt=0, description="samples per problem for the sampled accuracy and pass@k")
+    ks: list[int] = Field(default_factory=list, description="pass@k values to report (each <= n)")
+    max_new_tokens: int | None = Field(None, gt=0, description="None uses sampler.max_new_tokens")
     log_samples: int = Field(20, ge=0, description="completions saved as an MLflow artifact per evaluation")
+
+    @model_validator(mode="after")
+    def _ks_fit(self) -> EvalConfig:
+        if any(k < 1 or k > self.n for k in self.ks):
+            raise ValueError(f"every pass@k needs 1 <= k <= eval.n = {self.n}, got ks={self.ks}")
+        return self
 
 
 class StoreConfig(Section):
@@ -118,7 +150,7 @@ class DashConfig(Section):
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch CPU threads; None leaves torch's default")
     model: ModelConfig = ModelConfig()
-    task: TaskConfig = TaskConfig()
+    task: TaskConfig = ArithmeticTaskConfig()
     sampler: SamplerConfig = SamplerConfig()
     algo: AlgoConfig = AlgoConfig()
     learner: LearnerConfig = LearnerConfig()
@@ -129,9 +161,11 @@ class DashConfig(Section):
     checkpoint: CheckpointConfig = CheckpointConfig()
 
     @model_validator(mode="after")
-    def _batch_fits(self) -> DashConfig:
+    def _consistent(self) -> DashConfig:
         if self.sampler.batch_size is not None and self.sampler.batch_size % self.sampler.group_size:
             raise ValueError("sampler.batch_size must be a multiple of sampler.group_size (whole groups per call)")
+        if self.task.name != "arithmetic" and not self.eval.datasets:
+            raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")
         return self
 
     def flat(self) -> dict[str, Any]:
@@ -212,20 +246,37 @@ def validate(data: dict[str, Any], source: str = "config") -> DashConfig:
 
 
 def _describe(err: dict[str, Any]) -> str:
-    loc = [str(part) for part in err["loc"]]
-    field = ".".join(loc) or "(top level)"
+    model, shown = _walk(list(err["loc"]))
+    field = ".".join(shown) or "(top level)"
     if err["type"] == "extra_forbidden":
-        parent = _section_at(loc[:-1])
-        known = ", ".join(parent.model_fields) if parent else "?"
+        known = ", ".join(model.model_fields) if model else "?"
         return f"  {field}: unknown key (valid keys here: {known})"
-    return f"  {field}: {err['msg']} (got {err.get('input')!r})"
+    message = err["msg"].removeprefix("Value error, ")
+    value = err.get("input")
+    return f"  {field}: {message}" + ("" if isinstance(value, dict) else f" (got {value!r})")
 
 
-def _section_at(path: list[str]) -> type[BaseModel] | None:
-    model: type[BaseModel] = DashConfig
-    for name in path:
-        field = model.model_fields.get(name)
-        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
-            return None
-        model = field.annotation
-    return model
+def _walk(loc: list[Any]) -> tuple[type[BaseModel] | None, list[str]]:
+    """The config model holding the last key of an error location, and the location as a user writes it
+    (union tags such as 'dataset' dropped, list indexes kept)."""
+    model: type[BaseModel] | None = DashConfig
+    shown: list[str] = []
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            shown.append(str(part))
+        elif part in TASK_KINDS and shown and shown[-1] == "task":
+            model = TASK_KINDS[part]
+        elif model is not None and part in model.model_fields:
+            shown.append(part)
+            inner = _models_in(model.model_fields[part].annotation)
+            model = inner[0] if len(inner) == 1 else None
+        else:
+            shown.append(str(part))
+            model = None
+    return model, shown + [str(part) for part in loc[-1:]]
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]

@@ -1,66 +1,86 @@
-"""Held-out evaluation: greedy accuracy, sampled accuracy, unbiased pass@k and completion length."""
+"""Evaluation on a held-out set: greedy accuracy, sampled accuracy, unbiased pass@k and completion length."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from math import comb
 from statistics import mean
 
-from transformers import PreTrainedTokenizerBase
-
-from dash_core.data.problem import Problem, Task
+from dash_core.config import DashConfig
+from dash_core.data import build_task, eval_sets
+from dash_core.data.problem import Problem
+from dash_core.grading import grade
+from dash_core.models import load_policy
 from dash_core.prompts import encode_prompts
-from dash_core.samplers import Sampler, SamplingParams
+from dash_core.samplers import Sampler, SamplingParams, build_sampler
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Probability that at least one of k samples drawn without replacement from n (c correct) is correct."""
-    if k > n:
-        raise ValueError(f"pass@{k} needs at least {k} samples per problem, got {n}")
+    if not 1 <= k <= n:
+        raise ValueError(f"pass@{k} needs 1 <= k <= n = {n} samples per problem")
     return 1.0 - comb(n - c, k) / comb(n, k)
 
 
 @dataclass
 class EvalResult:
     metrics: dict[str, float]
-    samples: list[dict]  # one row per problem: prompt, answer, greedy completion and its score, sampled scores
+    rows: list[dict]  # per problem: prompt, answer, greedy completion and score, sampled completions and scores
 
 
 def evaluate(
     name: str,
-    task: Task,
     problems: list[Problem],
+    prompt_ids: list[list[int]],
     sampler: Sampler,
-    tokenizer: PreTrainedTokenizerBase,
-    max_new_tokens: int,
-    temperature: float = 1.0,
-    n: int = 1,
+    sampling: SamplingParams,
     ks: tuple[int, ...] = (),
 ) -> EvalResult:
-    """Metrics are named `eval/<name>/...`; the sampled accuracy is the mean over all n samples per problem."""
-    prompts = encode_prompts(tokenizer, problems)
-    greedy = sampler.generate(prompts, SamplingParams(n=1, max_new_tokens=max_new_tokens, temperature=0.0))
-    sampled = sampler.generate(prompts, SamplingParams(n=n, max_new_tokens=max_new_tokens, temperature=temperature))
-    greedy_scores = task.grade(problems, [g.text for g in greedy])
-    sampled_scores = task.grade([p for p in problems for _ in range(n)], [g.text for g in sampled])
-    correct = [sum(s > 0.5 for s in sampled_scores[i * n : (i + 1) * n]) for i in range(len(problems))]
+    """Metrics are named `eval/<name>/...`; the sampled accuracy is the mean over all `sampling.n` samples."""
+    n = sampling.n
+    greedy = sampler.generate(prompt_ids, replace(sampling, n=1, temperature=0.0))
+    sampled = sampler.generate(prompt_ids, sampling)
+    greedy_scores = grade(problems, [g.text for g in greedy])
+    sampled_scores = grade([p for p in problems for _ in range(n)], [g.text for g in sampled])
+    rows = []
+    for i, problem in enumerate(problems):
+        scores = sampled_scores[i * n : (i + 1) * n]
+        rows.append({
+            "id": problem.id, "prompt": problem.prompt, "answer": problem.answer,
+            "greedy": greedy[i].text, "greedy_score": greedy_scores[i],
+            "sampled": [g.text for g in sampled[i * n : (i + 1) * n]], "sampled_scores": scores,
+            "correct": sum(s >= 0.5 for s in scores),
+        })  # fmt: skip
     metrics = {
         f"eval/{name}/accuracy": mean(greedy_scores),
         f"eval/{name}/sampled_accuracy": mean(sampled_scores),
         f"eval/{name}/length_mean": mean(len(g.token_ids) for g in sampled),
     }
     for k in ks:
-        metrics[f"eval/{name}/pass_at_{k}"] = mean(pass_at_k(n, c, k) for c in correct)
-    samples = [
-        {
-            "id": p.id,
-            "prompt": p.prompt,
-            "answer": p.answer,
-            "greedy": g.text,
-            "greedy_score": s,
-            "sampled": [x.text for x in sampled[i * n : (i + 1) * n]],
-            "sampled_correct": correct[i],
-        }
-        for i, (p, g, s) in enumerate(zip(problems, greedy, greedy_scores))
-    ]
-    return EvalResult(metrics, samples)
+        metrics[f"eval/{name}/pass_at_{k}"] = mean(pass_at_k(n, row["correct"], k) for row in rows)
+    return EvalResult(metrics, rows)
+
+
+def evaluate_sets(
+    sets: dict[str, list[Problem]],
+    encode: Callable[[list[Problem]], list[list[int]]],
+    sampler: Sampler,
+    sampling: SamplingParams,
+    ks: tuple[int, ...] = (),
+) -> dict[str, EvalResult]:
+    return {name: evaluate(name, problems, encode(problems), sampler, sampling, ks) for name, problems in sets.items()}
+
+
+def eval_sampling(config: DashConfig) -> SamplingParams:
+    s, e = config.sampler, config.eval
+    return SamplingParams(e.n, e.max_new_tokens or s.max_new_tokens, e.temperature, s.top_p, s.top_k)
+
+
+def evaluate_model(config: DashConfig) -> dict[str, EvalResult]:
+    """Score `config.model` on `config.eval.datasets` (or, when that is empty, the task's held-out set)."""
+    policy, tokenizer = load_policy(config.model, config.seed)
+    sampler = build_sampler(config.sampler, policy, tokenizer)
+    sets = eval_sets(config, None if config.eval.datasets else build_task(config.task, config.seed))
+    encode = lambda problems: encode_prompts(tokenizer, problems, config.model.use_chat_template)  # noqa: E731
+    return evaluate_sets(sets, encode, sampler, eval_sampling(config), tuple(config.eval.ks))

@@ -21,6 +21,7 @@ from transformers import (
 )
 
 from dash_core.config import ModelConfig, TinyModelConfig
+from dash_core.model_zoo import resolve
 
 TINY = "tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -63,7 +64,7 @@ def resolve_device(name: str) -> torch.device:
 
 def load_policy(cfg: ModelConfig, seed: int = 0, path: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """The policy and its tokenizer; `path` (a saved directory) takes precedence over `cfg.name`."""
-    source = path or cfg.name
+    source = path or resolve(cfg.name)
     dtype = getattr(torch, cfg.dtype)
     if source == TINY:
         tokenizer = char_tokenizer()

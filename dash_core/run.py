@@ -19,8 +19,9 @@ import torch
 from dash_core.advantages import gradient_filter, group_advantages
 from dash_core.checkpoint import load_latest, save_checkpoint, set_rng_state
 from dash_core.config import DashConfig
-from dash_core.data import Problem, build_task
-from dash_core.evaluation import evaluate
+from dash_core.data import Problem, build_task, eval_sets
+from dash_core.evaluation import eval_sampling, evaluate, evaluate_sets
+from dash_core.grading import grade
 from dash_core.learner import Learner
 from dash_core.models import load_policy
 from dash_core.prompts import encode_prompts
@@ -56,7 +57,7 @@ class TrainingRun:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.task = build_task(config.task, config.seed)
-        self.heldout = self.task.heldout_problems(config.eval.size)
+        self.eval_sets = eval_sets(config, self.task)
         self.policy, self.tokenizer = load_policy(config.model, config.seed, path=checkpoint_dir)
         self.sampler = build_sampler(config.sampler, self.policy, self.tokenizer)
         self.learner = Learner(self.policy, config.learner, RULES[config.algo.rule], self.tokenizer.pad_token_id)
@@ -113,7 +114,9 @@ class TrainingRun:
             losses = cache.read_json("done.json")["losses"]
         else:
             batches = (self.task.train_problems(step, cfg.warmup.batch_size, stream="warmup") for step in range(cfg.warmup.steps))
-            losses = train_supervised(self.policy, self.tokenizer, batches, cfg.warmup.lr, done=self._warm_enough)
+            losses = train_supervised(
+                self.policy, self.tokenizer, batches, cfg.warmup.lr, cfg.model.use_chat_template, done=self._warm_enough
+            )
             with tempfile.TemporaryDirectory() as tmp:
                 self.policy.save_pretrained(tmp)
                 self.tokenizer.save_pretrained(tmp)
@@ -127,23 +130,29 @@ class TrainingRun:
         if target is None or step % every:
             return False
         problems = self.task.train_problems(0, 256, stream="warmup-check")
-        result = evaluate("warmup", self.task, problems, self.sampler, self.tokenizer, self.config.sampler.max_new_tokens)
+        result = evaluate("warmup", problems, self.encode(problems), self.sampler, self.sampling(1))
         return result.metrics["eval/warmup/sampled_accuracy"] >= target
+
+    def encode(self, problems: list[Problem]) -> list[list[int]]:
+        return encode_prompts(self.tokenizer, problems, self.config.model.use_chat_template)
+
+    def sampling(self, n: int) -> SamplingParams:
+        cfg = self.config.sampler
+        return SamplingParams(n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
 
     def sample(self, iteration: int) -> Rollouts:
         cfg = self.config.sampler
         problems = self.task.train_problems(iteration, cfg.prompts_per_iteration)
-        prompt_ids = encode_prompts(self.tokenizer, problems)
+        prompt_ids = self.encode(problems)
         torch.manual_seed(self.config.seed * 1_000_003 + iteration)
-        params = SamplingParams(cfg.group_size, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
-        return Rollouts(iteration, problems, prompt_ids, self.sampler.generate(prompt_ids, params))
+        return Rollouts(iteration, problems, prompt_ids, self.sampler.generate(prompt_ids, self.sampling(cfg.group_size)))
 
     def score(self, rollouts: Rollouts) -> tuple[BatchManifest, dict[str, float]]:
         """Reward, group advantages and the gradient filter; the batch is written to the rollout store once."""
         group = self.config.sampler.group_size
         problems = [p for p in rollouts.problems for _ in range(group)]
         gens = rollouts.generations
-        rewards = torch.tensor(self.task.grade(problems, [g.text for g in gens]), dtype=torch.float32)
+        rewards = torch.tensor(grade(problems, [g.text for g in gens]), dtype=torch.float32)
         advantages = group_advantages(rewards.view(-1, group), self.config.algo.scale_std).flatten()
         kept = gradient_filter(advantages, self.config.algo.tau)
         columns = {
@@ -195,13 +204,15 @@ class TrainingRun:
         self.sampler.load_weights(self.policy)
 
     def evaluate(self, iteration: int) -> dict[str, float]:
-        cfg = self.config
-        result = evaluate(
-            self.task.name, self.task, self.heldout, self.sampler, self.tokenizer, cfg.sampler.max_new_tokens, cfg.eval.temperature
-        )
-        if cfg.eval.log_samples:
-            self.tracker.log_jsonl(result.samples[: cfg.eval.log_samples], f"samples/eval_iter_{iteration:06d}.jsonl")
-        return result.metrics
+        """Every evaluation set (in and out of distribution); a sample of completions goes to MLflow."""
+        cfg = self.config.eval
+        results = evaluate_sets(self.eval_sets, self.encode, self.sampler, eval_sampling(self.config), tuple(cfg.ks))
+        metrics: dict[str, float] = {}
+        for name, result in results.items():
+            metrics |= result.metrics
+            if cfg.log_samples:
+                self.tracker.log_jsonl(result.rows[: cfg.log_samples], f"samples/{name}/eval_iter_{iteration:06d}.jsonl")
+        return metrics
 
     def checkpoint(self) -> str:
         state = {

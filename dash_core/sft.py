@@ -23,10 +23,11 @@ def solution_ids(tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) ->
     return [tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems]
 
 
-def sft_loss(policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) -> torch.Tensor:
-    logp, mask = completion_logprobs(
-        policy, encode_prompts(tokenizer, problems), solution_ids(tokenizer, problems), tokenizer.pad_token_id
-    )
+def sft_loss(
+    policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: list[Problem], use_chat_template: bool = True
+) -> torch.Tensor:
+    prompts = encode_prompts(tokenizer, problems, use_chat_template)
+    logp, mask = completion_logprobs(policy, prompts, solution_ids(tokenizer, problems), tokenizer.pad_token_id)
     return -logp.sum() / mask.sum()
 
 
@@ -35,6 +36,7 @@ def train_supervised(
     tokenizer: PreTrainedTokenizerBase,
     batches: Iterable[list[Problem]],
     lr: float,
+    use_chat_template: bool = True,
     grad_clip: float = 1.0,
     done: Callable[[int], bool] = lambda step: False,
 ) -> list[float]:
@@ -44,7 +46,7 @@ def train_supervised(
     for step, problems in enumerate(batches, 1):
         policy.train()
         optimizer.zero_grad(set_to_none=True)
-        loss = sft_loss(policy, tokenizer, problems)
+        loss = sft_loss(policy, tokenizer, problems, use_chat_template)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(policy.parameters(), grad_clip)
         optimizer.step()

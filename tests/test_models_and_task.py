@@ -2,6 +2,7 @@ import torch
 
 from dash_core.config import ArithmeticTaskConfig, ModelConfig
 from dash_core.data.arithmetic import ArithmeticTask
+from dash_core.grading import grade
 from dash_core.models import char_tokenizer, load_policy
 
 
@@ -50,7 +51,9 @@ def test_arithmetic_answers_and_checker():
         assert int(problem.answer[::-1]) == value and len(problem.answer) == 4
         assert problem.prompt == f"{str(meta['a']).zfill(3)[::-1]}{meta['op']}{str(meta['b']).zfill(3)[::-1]}="
     problem = task.train_problems(0, 1)[0]
-    assert task.grade([problem] * 3, [problem.answer, f" {problem.answer}\n", "0000" if problem.answer != "0000" else "1"]) == [1.0, 1.0, 0.0]
+    assert problem.kind == "exact"
+    wrong = "0000" if problem.answer != "0000" else "1"
+    assert grade([problem] * 3, [problem.answer, f" {problem.answer}\n", wrong]) == [1.0, 1.0, 0.0]
 
 
 def test_too_few_heldout_problems_is_an_error_not_a_hang():

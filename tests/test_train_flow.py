@@ -36,8 +36,8 @@ def test_two_iterations_log_every_metric_and_keep_rollouts(prefect_api, small_co
         assert steps(client, run_id, key) == [0, 1, 2], key
     assert client.get_metric_history(run_id, "samples/total")[-1].value == 2 * 4 * 4
     assert client.get_metric_history(run_id, "logprob_gap/max")[-1].value < 1e-3
-    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "samples")}
-    assert {"config.yaml", "samples/eval_iter_000000.jsonl", "samples/eval_iter_000002.jsonl"} <= artifacts
+    artifacts = {a.path for a in client.list_artifacts(run_id)} | {a.path for a in client.list_artifacts(run_id, "samples/arithmetic")}
+    assert {"config.yaml", "samples/arithmetic/eval_iter_000000.jsonl", "samples/arithmetic/eval_iter_000002.jsonl"} <= artifacts
 
     store = RunStore(small_config.store.url, run_id)
     for iteration in (1, 2):
@@ -101,3 +101,16 @@ def test_rollouts_and_checkpoints_can_live_in_s3(prefect_api, small_config, s3_o
     assert store.read_batch(2).num_rows == 16
     assert store.exists("checkpoints/iter_000002/model.safetensors")
     assert store.read_json("checkpoints/latest.json") == {"iteration": 2, "path": "checkpoints/iter_000002"}
+
+
+def test_periodic_evaluation_covers_out_of_distribution_sets(prefect_api, small_config):
+    from pathlib import Path
+
+    config = small_config.model_copy(deep=True)
+    config.iterations = 1
+    config.eval.datasets = [{"name": "gsm8k", "path": str(Path(__file__).parent / "data" / "gsm8k_train.jsonl"), "size": 3}]
+    config = type(config).model_validate(config.model_dump())
+    run_id = dash_train(config=config)
+    client = MlflowClient(config.tracking.uri)
+    for name in ("arithmetic", "gsm8k"):
+        assert steps(client, run_id, f"eval/{name}/sampled_accuracy") == [0, 1]

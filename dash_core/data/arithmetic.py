@@ -3,7 +3,8 @@
 Numbers are zero-padded to a fixed width (operands `digits`, answer `digits + 1`) and written least-significant
 digit first by default: every digit then sits at a fixed position and the answer comes out in the order its digits
 are computed, which is what lets a tiny model learn the task in seconds (normal order stays near 0%).
-Held-out problems are chosen by a hash of the problem, so the two splits are disjoint for every seed.
+Held-out problems are chosen by a hash of the problem, so the two splits are disjoint for every seed. Completions
+are graded by exact match with the answer (kind "exact").
 """
 
 from __future__ import annotations
@@ -51,9 +52,6 @@ class ArithmeticTask:
     def _attempts(self, count: int) -> int:
         """Draws allowed before concluding that the problem space is too small (50x the expected need)."""
         return int(50 * count / min(self.cfg.heldout_fraction, 1 - self.cfg.heldout_fraction)) + 1000
-
-    def grade(self, problems: list[Problem], completions: list[str]) -> list[float]:
-        return [float(text.strip() == problem.answer) for problem, text in zip(problems, completions, strict=True)]
 
     def _draw(self, rng: random.Random) -> Problem:
         limit = 10**self.cfg.digits

@@ -13,16 +13,13 @@ class Problem:
     answer: str | None = None  # reference answer (math, arithmetic)
     tests: str | None = None  # test code (code tasks)
     solution: str | None = None  # a human-written solution, the target of supervised warm-up
+    kind: str = "exact"  # how completions are graded: "exact" (string match), "math" (answer), "code" (tests)
     metadata: dict[str, Any] = field(default_factory=dict)
 
 
 class Task(Protocol):
-    """A problem family: training problems per iteration, a disjoint held-out set, and a grader."""
+    """A source of training problems: batch `index` of a named stream, the same for the same seed."""
 
     name: str
 
     def train_problems(self, index: int, count: int, stream: str = "rl") -> list[Problem]: ...
-
-    def heldout_problems(self, count: int) -> list[Problem]: ...
-
-    def grade(self, problems: list[Problem], completions: list[str]) -> list[float]: ...

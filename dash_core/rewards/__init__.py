@@ -1,0 +1,1 @@
+"""Graders: math answers and sandboxed code tests."""

@@ -1,0 +1,282 @@
+r"""Math reward: the last \boxed{} answer of a completion against a MATH (LaTeX) or GSM8K ("#### 72") reference.
+
+Equivalence follows the field's graders (Hendrycks MATH `is_equiv`, PRM800K `grade_answer`, math-verify), cheapest
+step first:
+1. Both answers are normalised to a canonical string (spacing, \left/\right, \dfrac, \text{} and unit words,
+   degrees, percent, dollars, a leading "x =", \frac12, .5, 1,000) and compared. Most correct answers stop here.
+2. A text reference ("\text{Monday}", "even") is compared as a string only, ignoring case: sympy would read
+   "Monday" as a product of commuting symbols, equal to "yadnoM".
+3. Two plain rational numbers (integers, decimals, fractions) are compared exactly, as MATH and PRM800K do:
+   0.3333333 is not 1/3. Most wrong answers stop here.
+4. Anything else goes to math-verify's symbolic check in a long-lived worker process that is killed when it
+   overruns `timeout_s`: sympy can hang on answers like 10^{10^{10^{10}}}, math-verify's own timeouts use signals
+   (main thread only), and a thread cannot be stopped. A timeout or a crash counts as wrong. Answers longer than
+   `_MAX_ANSWER_CHARS` skip all of this and only count when identical to the reference.
+Equality is of values, so an unreduced \frac{2}{4} equals \frac{1}{2} (as in math-verify; PRM800K refuses it).
+Workers are plain subprocesses, not multiprocessing children, so grading works from any thread, from daemonic
+multiprocessing workers, and after a fork (a forked child starts its own workers).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import subprocess
+import sys
+import threading
+import time
+from fractions import Fraction
+
+_MAX_ANSWER_CHARS = 1000  # no real answer is longer; longer ones are only compared verbatim
+_WORKER_STARTUP_S = 120.0  # importing sympy on a loaded machine; not part of any answer's time bound
+_WORKER_MEMORY_BYTES = 2 << 30
+
+_BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
+_SPACING = re.compile(r"(?<!\\)\\[!,;: ]|\\q?quad(?![a-zA-Z])|~")
+_FRAC_STYLE = re.compile(r"\\[dt]frac(?![a-zA-Z])")
+_SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])")
+_UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{\s+[A-Za-z][A-Za-z\s.]*\}(?:\^\{?[23]\}?)?\s*$")
+_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
+_DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°")
+_PERCENT_OR_DOLLAR = re.compile(r"\\?[%$]")
+_UNIT_WORDS = (
+    r"cm|mm|km|meters?|metres?|centimeters?|kilometers?|inch(?:es)?|feet|foot|ft|yards?|miles?|mph|units?|degrees?"
+    r"|dollars?|cents?|percent|hours?|hrs?|minutes?|mins?|seconds?|secs?|days?|weeks?|months?|years?|grams?|kg"
+    r"|kilograms?|pounds?|lbs?|ounces?|oz|liters?|litres?|ml|gallons?|cups?|points?|people|persons?|students?|ways"
+)
+_UNITS = re.compile(
+    rf"(?<=[\d}}.])\s*(?:(?:square|sq\.?|cubic)\s*)?(?:{_UNIT_WORDS})(?:\s*\^\s*\{{?[23]\}}?)?\s*$", re.IGNORECASE
+)
+_VARIABLE = re.compile(r"^\s*(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)")
+_FRAC_DIGITS = re.compile(r"\\frac(\d)(\d)")
+_FRAC_FIRST = re.compile(r"\\frac(\w)(?=\{)")
+_FRAC_SECOND = re.compile(r"\\frac(\{[^{}]*\})(\w)")
+_SQRT = re.compile(r"\\sqrt(\w)")
+_SLASH = re.compile(r"(-?)(\d+)/(\d+)")
+_BARE_POINT = re.compile(r"(?<!\d)\.(?=\d)")
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_CHOICE = re.compile(r"\(([A-Za-z])\)")
+_DECIMAL = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
+_FRACTION = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
+_WORD = re.compile(r"[A-Za-z]{2,}")
+_DEPTH_CHANGE = {"{": 1, "}": -1}
+
+
+def math_reward(completion: str, answer: str, timeout_s: float = 5.0) -> float:
+    """1.0 when the completion's last boxed answer equals the reference `answer` (MATH or GSM8K), else 0.0."""
+    boxed, reference = extract_boxed(completion), reference_answer(answer)
+    if boxed is None:
+        return 0.0
+    if max(len(boxed), len(reference)) > _MAX_ANSWER_CHARS:  # spares the regexes and sympy pathological input
+        return float(boxed == reference)
+    gold, pred = _clean(reference), _clean(boxed)
+    gold_key, pred_key = _canonical(gold), _canonical(pred)
+    if not pred_key:
+        return 0.0
+    if gold_key == pred_key:
+        return 1.0
+    if _WORD.fullmatch(gold_key):
+        return float(gold_key.lower() == pred_key.lower())
+    gold_value, pred_value = _rational(gold_key), _rational(pred_key)
+    if gold_value is not None and pred_value is not None:
+        return float(gold_value == pred_value)
+    return float(_workers.equal(gold, pred, timeout_s))
+
+
+def extract_boxed(text: str) -> str | None:
+    r"""Content of the last \boxed{...} or \fbox{...} (braces balanced), or of "\boxed 5"; None if there is none."""
+    starts = [match.end() for match in _BOX.finditer(text)]
+    if not starts:
+        return None
+    rest = text[starts[-1] :].lstrip()
+    if not rest.startswith("{"):
+        token = re.match(r"[^\s$]*", rest).group()
+        return token or None
+    depth, i = 0, 0
+    while i < len(rest):
+        char = rest[i]
+        if char == "\\":
+            i += 2  # an escaped \{ or \} does not open or close a group
+            continue
+        depth += _DEPTH_CHANGE.get(char, 0)
+        if depth == 0:
+            content = rest[1:i].strip()
+            return content or None
+        i += 1
+    return None
+
+
+def reference_answer(text: str) -> str:
+    """The answer part of a reference: after the last "####" for GSM8K (commas dropped), else the text itself."""
+    if "####" in text:
+        return text.rsplit("####", 1)[1].strip().replace(",", "")
+    return text.strip()
+
+
+def _clean(answer: str) -> str:
+    """Drop what does not change the value, keeping valid LaTeX (this is what math-verify parses)."""
+    s = answer.replace("\n", " ").replace("\u2212", "-")  # Unicode minus
+    s = _SPACING.sub(" ", s)
+    s = _FRAC_STYLE.sub(r"\\frac", s)
+    s = _SIZING.sub("", s)
+    s = _UNIT_TEXT.sub("", s)
+    for _ in range(3):  # \text{\textbf{...}}
+        s = _TEXT.sub(r"\1", s)
+    s = _DEGREES.sub("", s)
+    s = _PERCENT_OR_DOLLAR.sub("", s)
+    s = _UNITS.sub("", s.strip().rstrip("."))
+    if s.count("=") <= 1:  # "x = 3" but not "x = 3, y = 4"
+        s = _VARIABLE.sub("", s)
+    return s.strip().rstrip(".").strip()
+
+
+def _canonical(clean: str) -> str:
+    """A spacing-free string on which equal answers written in the usual different ways coincide."""
+    s = re.sub(r"\s+", "", clean)
+    s = _FRAC_DIGITS.sub(r"\\frac{\1}{\2}", s)
+    s = _FRAC_FIRST.sub(r"\\frac{\1}", s)
+    s = _FRAC_SECOND.sub(r"\\frac\1{\2}", s)
+    s = _SQRT.sub(r"\\sqrt{\1}", s)
+    if _SLASH.fullmatch(s):
+        s = _SLASH.sub(r"\1\\frac{\2}{\3}", s)
+    s = _BARE_POINT.sub("0.", s)
+    if _THOUSANDS.fullmatch(s):
+        s = s.replace(",", "")
+    choice = _CHOICE.fullmatch(s)
+    return choice.group(1) if choice else s.rstrip(".")
+
+
+def _rational(key: str) -> Fraction | None:
+    """The exact value of a plain integer, decimal or integer fraction; None for anything else."""
+    if _DECIMAL.fullmatch(key):
+        return Fraction(key)
+    fraction = _FRACTION.fullmatch(key)
+    if fraction is None or int(fraction.group(3)) == 0:
+        return None
+    value = Fraction(int(fraction.group(2)), int(fraction.group(3)))
+    return -value if fraction.group(1) else value
+
+
+def _read_line(stream, deadline: float) -> bytes | None:
+    """One reply line from a worker, or None if it died or the deadline passed."""
+    fd, line = stream.fileno(), b""
+    while not line.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
+            return None
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return None
+        line += chunk
+    return line
+
+
+class _Worker:
+    """One math-verify process, this very file run as a script, answering one comparison per line."""
+
+    def __init__(self) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", __file__],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+        if _read_line(self._proc.stdout, time.monotonic() + _WORKER_STARTUP_S) != b"ready\n":
+            self.kill()
+            raise RuntimeError("the math-verify worker did not start (is math-verify installed?)")
+
+    def equal(self, gold: str, pred: str, timeout_s: float) -> bool | None:
+        """The verdict, or None when the worker overran or died (it must then be killed)."""
+        try:
+            self._proc.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:
+            return None
+        reply = _read_line(self._proc.stdout, time.monotonic() + timeout_s)
+        return None if reply is None else reply == b"1\n"
+
+    def kill(self) -> None:
+        self._proc.kill()
+        self._proc.wait()
+        self._proc.stdin.close()
+        self._proc.stdout.close()
+
+
+class _Workers:
+    """A few workers shared by all threads of this process, started on demand and replaced when killed."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._idle: list[_Worker] = []
+        self._running = 0
+        self._changed = threading.Condition()
+
+    def equal(self, gold: str, pred: str, timeout_s: float) -> bool:
+        worker = self._take()
+        verdict = None
+        try:
+            verdict = worker.equal(gold, pred, timeout_s)
+        finally:
+            self._give_back(worker, healthy=verdict is not None)
+        return bool(verdict)
+
+    def _take(self) -> _Worker:
+        with self._changed:
+            while not self._idle and self._running >= self._size:
+                self._changed.wait()
+            if self._idle:
+                return self._idle.pop()
+            self._running += 1
+        try:
+            return _Worker()
+        except BaseException:
+            self._give_back(None, healthy=False)
+            raise
+
+    def _give_back(self, worker: _Worker | None, healthy: bool) -> None:
+        if worker is not None and not healthy:
+            worker.kill()
+        with self._changed:
+            if healthy:
+                self._idle.append(worker)
+            else:
+                self._running -= 1
+            self._changed.notify()
+
+
+def _new_workers() -> None:
+    """After a fork the parent's workers are not ours to use: start afresh."""
+    global _workers
+    _workers = _Workers(min(4, os.cpu_count() or 1))
+
+
+_new_workers()
+os.register_at_fork(after_in_child=_new_workers)
+
+
+def _serve() -> None:
+    """Worker loop: a JSON [gold, pred] per line in, "1" (equal) or "0" per line out."""
+    import resource
+
+    from math_verify import parse, verify
+
+    resource.setrlimit(resource.RLIMIT_AS, (_WORKER_MEMORY_BYTES, _WORKER_MEMORY_BYTES))
+    replies = os.fdopen(os.dup(1), "wb", buffering=0)
+    os.dup2(2, 1)  # whatever the libraries print must not corrupt the replies
+    replies.write(b"ready\n")
+    for line in sys.stdin.buffer:
+        gold, pred = json.loads(line)
+        try:
+            # The prediction is wrapped alone: parsing a whole completion gives false positives.
+            parsed_gold = parse(f"${gold}$", parsing_timeout=None)
+            parsed_pred = parse(f"\\boxed{{{pred}}}", parsing_timeout=None)
+            equal = bool(parsed_gold and parsed_pred and verify(parsed_gold, parsed_pred, timeout_seconds=None))
+        except Exception:
+            equal = False
+        replies.write(b"1\n" if equal else b"0\n")
+
+
+if __name__ == "__main__":
+    _serve()

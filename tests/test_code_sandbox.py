@@ -1,0 +1,351 @@
+"""The code sandbox against honest, broken and hostile programs: right status, and the host stays intact."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from py_landlock import LandlockError, get_abi_version
+
+import dash_core.rewards.code as sandbox
+from dash_core.rewards.code import STATUSES, mbpp_plus_tests, mbpp_tests, run_many, run_tests
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ADD = "def add(a, b):\n    return a + b\n"
+ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
+
+
+def _sandbox_processes() -> list[int]:
+    """Live processes running the sandbox harness (zombies have an empty command line)."""
+    marker = sandbox.__file__.encode()
+    pids = []
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                command = Path(f"/proc/{entry.name}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if marker in command:
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def host_stays_clean():
+    """After every test: no sandbox process survives and no sandbox directory is left behind."""
+    tmp = Path(tempfile.gettempdir())
+    before = set(tmp.glob("dash-sandbox-*"))
+    yield
+    deadline = time.monotonic() + 10
+    while _sandbox_processes() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert _sandbox_processes() == []
+    assert set(tmp.glob("dash-sandbox-*")) <= before
+
+
+def test_correct_program_passes() -> None:
+    result = run_tests(ADD, ADD_TESTS)
+    assert (result.passed, result.status) == (True, "passed")
+    assert result.duration_s > 0
+
+
+def test_wrong_program_fails() -> None:
+    result = run_tests("def add(a, b):\n    return a - b\n", ADD_TESTS)
+    assert (result.passed, result.status) == (False, "failed")
+    assert "AssertionError" in result.detail
+
+
+def test_syntax_error_is_an_error() -> None:
+    result = run_tests("def add(a, b) return a + b\n", ADD_TESTS)
+    assert result.status == "error"
+    assert "SyntaxError" in result.detail
+
+
+def test_exception_in_program_is_an_error() -> None:
+    assert run_tests("1 / 0\n" + ADD, ADD_TESTS).status == "error"
+
+
+def test_non_assertion_exception_in_tests_is_an_error() -> None:
+    assert run_tests(ADD, "assert add(1, 2) == 3\nadd(None, 1)\n").status == "error"
+
+
+def test_infinite_loop_times_out() -> None:
+    result = run_tests("while True:\n    pass\n", ADD_TESTS, timeout_s=2)
+    assert result.status == "timeout"
+    assert result.duration_s < 10
+
+
+def test_sleeping_program_times_out() -> None:
+    assert run_tests("import time\ntime.sleep(60)\n", ADD_TESTS, timeout_s=1).status == "timeout"
+
+
+@pytest.mark.parametrize(
+    "bomb",
+    ["x = bytearray(10**11)\n", "chunks = []\nwhile True:\n    chunks.append(bytearray(10**7))\n"],
+    ids=["at-once", "growing"],
+)
+def test_memory_bomb_crashes(bomb: str) -> None:
+    assert run_tests(bomb, ADD_TESTS, memory_mb=256).status == "crashed"
+
+
+def test_fork_bomb_is_refused() -> None:
+    assert run_tests("import os\nwhile True:\n    os.fork()\n", ADD_TESTS).status == "error"
+
+
+def test_fork_bomb_around_the_guard_is_contained() -> None:
+    # ctypes bypasses the Python guard; RLIMIT_NPROC caps the bomb and everything is killed at the wall limit,
+    # including the processes that left the process group with setsid().
+    bomb = "import ctypes\nlibc = ctypes.CDLL(None)\nwhile True:\n    if libc.fork() == 0:\n        libc.setsid()\n"
+    assert run_tests(bomb, ADD_TESTS, timeout_s=2).status == "timeout"
+
+
+@pytest.mark.parametrize(
+    ("program", "tests"),
+    [
+        ("import sys\nsys.exit(0)\n" + ADD, ADD_TESTS),
+        ("import os\nos._exit(0)\n" + ADD, ADD_TESTS),
+        ("raise SystemExit(0)\n", ADD_TESTS),
+        ("quit()\n", ADD_TESTS),
+        (ADD, "assert add(1, 2) == 3\nraise SystemExit(0)\nassert add(1, 2) == 4\n"),
+        (ADD, "import os\nassert add(1, 2) == 3\nos._exit(0)\nassert add(1, 2) == 4\n"),
+        (ADD, "import sys\nsys.exit(0)\nassert add(1, 2) == 4\n"),
+    ],
+    ids=["sys.exit", "os._exit", "SystemExit", "quit", "SystemExit-in-tests", "os._exit-in-tests", "exit-in-tests"],
+)
+def test_exiting_early_is_not_passing(program: str, tests: str) -> None:
+    result = run_tests(program, tests)
+    assert (result.passed, result.status) == (False, "failed")
+
+
+def test_printing_success_is_not_passing() -> None:
+    forger = (
+        "import os, sys\n"
+        "claims = ['passed', 'PASSED', 'OK', 'ok', 'True', '1', 'All tests passed', '0' * 32, 'f' * 32]\n"
+        "for claim in claims:\n"
+        "    print(claim)\n"
+        "    print(claim, file=sys.stderr)\n"
+        "    for fd in range(3, 64):\n"
+        "        try:\n"
+        "            os.write(fd, claim.encode())\n"
+        "        except OSError:\n"
+        "            pass\n"
+        "os._exit(0)\n"
+    )
+    assert run_tests(forger, ADD_TESTS).status == "failed"
+
+
+def test_reading_back_open_descriptors_finds_no_nonce() -> None:
+    # Whatever the harness inherited is readable here; echoing it back must not prove success.
+    replay = (
+        "import os\n"
+        "seen = b''\n"
+        "for fd in range(3, 64):\n"
+        "    try:\n"
+        "        os.lseek(fd, 0, 0)\n"
+        "        seen += os.read(fd, 1 << 16)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "for fd in range(3, 64):\n"
+        "    try:\n"
+        "        os.write(fd, seen)\n"
+        "    except OSError:\n"
+        "        pass\n"
+        "os._exit(0)\n"
+    )
+    assert run_tests(replay, ADD_TESTS).status == "failed"
+
+
+def test_tampering_with_the_checker_is_not_passing() -> None:
+    tamper = (
+        "import atexit, builtins, os, sys\n"
+        "builtins.exec = lambda *args, **kwargs: None\n"
+        "builtins.compile = lambda *args, **kwargs: None\n"
+        "builtins.AssertionError = type('Harmless', (Exception,), {})\n"
+        "sys.exit = lambda *args: None\n"
+        "atexit.register(os._exit, 0)\n"
+        "harness = sys.modules['__main__']\n"
+        "for name, value in list(vars(harness).items()):\n"
+        "    if callable(value) and not isinstance(value, type):\n"
+        "        setattr(harness, name, lambda *args, **kwargs: None)\n"
+        "def skip_asserts(frame, event, arg):\n"  # jumping over assert lines works in plain Python
+        "    if frame.f_code.co_filename != '<tests>':\n"
+        "        return None\n"
+        "    def local(frame, event, arg):\n"
+        "        if event == 'line' and frame.f_lineno == 2:\n"
+        "            frame.f_lineno = 3\n"
+        "        return local\n"
+        "    return local\n"
+        "sys.settrace(skip_asserts)\n"
+        "__builtins__ = {'len': lambda x: 0}\n" + ADD
+    )
+    result = run_tests(tamper, "x = add(1, 1)\nassert x == 3\nx = 0\n")
+    assert (result.passed, result.status) == (False, "failed")
+
+
+def test_killing_the_parent_is_refused() -> None:
+    guarded = "import os\nos.kill(os.getppid(), 9)\n" + ADD
+    assert run_tests(guarded, ADD_TESTS).status == "error"
+    direct = "import ctypes, os\nstatus = ctypes.CDLL(None).kill(os.getppid(), 9)\n"
+    result = run_tests(direct, "assert status == 0\n")  # the kernel must say no
+    assert result.status == "failed"
+    os.kill(os.getpid(), 0)  # and we are alive to check
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["private-dir", "world-writable-dir"])
+def test_files_outside_the_sandbox_cannot_be_changed(tmp_path: Path, shared: bool) -> None:
+    folder = tmp_path / "shared" if shared else tmp_path
+    folder.mkdir(exist_ok=True)
+    target = folder / "keep.txt"
+    target.write_text("precious")
+    if shared:
+        os.chmod(tmp_path, 0o755)
+        os.chmod(folder, 0o777)
+        os.chmod(target, 0o666)
+    vandal = (
+        "import ctypes, os, shutil\n"
+        f"path = {str(target)!r}\n"
+        "libc = ctypes.CDLL(None)\n"
+        "attempts = [lambda: os.remove(path), lambda: shutil.rmtree(os.path.dirname(path)),\n"
+        "            lambda: libc.unlink(path.encode()), lambda: libc.rename(path.encode(), b'moved'),\n"
+        "            lambda: libc.truncate(path.encode(), 0), lambda: open(path, 'w').close()]\n"
+        "succeeded = []\n"
+        "for number, attempt in enumerate(attempts):\n"
+        "    try:\n"
+        "        if attempt() in (0, None):\n"  # libc returns 0 on success, the Python calls None
+        "            succeeded.append(number)\n"
+        "    except Exception:\n"
+        "        pass\n"
+    )
+    result = run_tests(vandal, "assert succeeded\n")
+    assert result.status == "failed"
+    assert target.read_text() == "precious"
+
+
+def test_files_inside_the_sandbox_can_be_used() -> None:
+    program = "with open('scratch.txt', 'w') as f:\n    f.write('hi')\n"
+    assert run_tests(program, "assert open('scratch.txt').read() == 'hi'\n").status == "passed"
+
+
+def test_private_host_files_cannot_be_read(tmp_path: Path) -> None:
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOPSECRET-4711")
+    secret.chmod(0o600)
+    reader = (
+        "import sys\n"
+        "try:\n"
+        f"    data = open({str(secret)!r}).read()\n"
+        "except OSError as error:\n"
+        "    data = str(error)\n"
+        "print(data, file=sys.stderr)\n"
+    )
+    result = run_tests(reader, "assert 'TOPSECRET' in data\n")
+    assert result.status == "failed"
+    assert "TOPSECRET" not in result.detail
+
+
+def _landlock_abi() -> int:
+    try:
+        return get_abi_version()
+    except LandlockError:
+        return 0
+
+
+@pytest.mark.skipif(_landlock_abi() < 1, reason="the kernel has no Landlock")
+def test_only_the_python_installation_is_readable(tmp_path: Path) -> None:
+    tmp_path.chmod(0o755)
+    public = tmp_path / "public.txt"
+    public.write_text("anyone may read this")
+    public.chmod(0o644)
+    reader = f"try:\n    data = open({str(public)!r}).read()\nexcept OSError:\n    data = ''\n"
+    assert run_tests(reader, "assert data\n").status == "failed"
+
+
+@pytest.mark.skipif(_landlock_abi() < 4, reason="the kernel's Landlock does not handle TCP")
+def test_no_tcp_connections() -> None:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        caller = (
+            "import socket\n"
+            "try:\n"
+            f"    socket.create_connection(('127.0.0.1', {port}), timeout=1).close()\n"
+            "    connected = True\n"
+            "except OSError:\n"
+            "    connected = False\n"
+        )
+        assert run_tests(caller, "assert connected\n").status == "failed"
+
+
+def test_host_environment_is_not_visible(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DASH_TEST_SECRET", "hunter2-0451")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2-0452")
+    snoop = (
+        "import os, sys\n"
+        "seen = [repr(dict(os.environ))]\n"
+        "for path in ['/proc/self/environ', f'/proc/{os.getppid()}/environ']:\n"
+        "    try:\n"
+        "        seen.append(open(path, 'rb').read().decode(errors='replace'))\n"
+        "    except OSError as error:\n"
+        "        seen.append(str(error))\n"
+        "blob = '\\n'.join(seen)\n"
+        "print(blob, file=sys.stderr)\n"
+    )
+    result = run_tests(snoop, "assert 'hunter2' in blob\n")
+    assert result.status == "failed"
+    assert "hunter2" not in result.detail
+
+
+def test_run_many_keeps_order_and_statuses() -> None:
+    cases = [
+        (ADD, ADD_TESTS, "passed"),
+        ("def add(a, b):\n    return 0\n", ADD_TESTS, "failed"),
+        ("def add(a, b)\n", ADD_TESTS, "error"),
+        ("while True:\n    pass\n", ADD_TESTS, "timeout"),
+        ("x = bytearray(10**11)\n", ADD_TESTS, "crashed"),
+        ("import os\nos._exit(0)\n", ADD_TESTS, "failed"),
+        ("def square(x):\n    return x * x\n", "assert square(3) == 9\n", "passed"),
+        ("def square(x):\n    return x + x\n", "assert square(3) == 9\n", "failed"),
+        ("import time\ntime.sleep(30)\n", ADD_TESTS, "timeout"),
+        ("import numpy as np\ndef mean(xs):\n    return float(np.mean(xs))\n", "assert mean([1, 3]) == 2\n", "passed"),
+        (ADD, "assert add(1, 2) == 3\nraise KeyError('x')\n", "error"),
+        ("import os\nos.abort()\n", ADD_TESTS, "crashed"),
+        ("import sys\nsys.exit(0)\n", ADD_TESTS, "failed"),
+        ("def first(xs):\n    return xs[0]\n", "assert first([4, 5]) == 4\n", "passed"),
+        ("def first(xs):\n    return xs[1]\n", "assert first([4, 5]) == 4\n", "failed"),
+        (ADD, ADD_TESTS, "passed"),
+    ]
+    results = run_many([(program, tests) for program, tests, _ in cases], timeout_s=3, workers=4)
+    assert [result.status for result in results] == [expected for _, _, expected in cases]
+    assert all(result.status in STATUSES for result in results)
+    assert [result.passed for result in results] == [expected == "passed" for _, _, expected in cases]
+
+
+def _rows(name: str) -> list[dict]:
+    path = DATA / name
+    if not path.exists():
+        pytest.skip(f"{path} is not available")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt") as lines:
+        return [json.loads(line) for line in lines]
+
+
+def test_mbpp_plus_canonical_solutions_pass_and_a_wrong_one_fails() -> None:
+    rows = _rows("MbppPlus-OriginFmt.jsonl.gz")[:20]
+    results = run_many([(row["code"], mbpp_plus_tests(row)) for row in rows], timeout_s=20)
+    assert [(row["task_id"], result.status) for row, result in zip(rows, results, strict=True)] == [
+        (row["task_id"], "passed") for row in rows
+    ]
+    first = rows[0]
+    wrong = "def similar_elements(test_tup1, test_tup2):\n    return tuple(test_tup1)\n"
+    assert run_tests(wrong, mbpp_plus_tests(first)).status == "failed"
+
+
+def test_mbpp_tests_run_setup_code_first() -> None:
+    rows = [row for row in _rows("mbpp.jsonl") if row["test_setup_code"]]
+    results = run_many([(row["code"], mbpp_tests(row)) for row in rows], timeout_s=20)
+    assert [result.status for result in results] == ["passed"] * len(rows)

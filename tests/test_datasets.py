@@ -1,0 +1,100 @@
+"""Dataset loading and prompts: shipped excerpts (tests/data), the full offline copies when present, and errors."""
+
+from pathlib import Path
+
+import pytest
+
+from dash_core.config import DatasetConfig
+from dash_core.data import DatasetTask
+from dash_core.data.datasets import load_problems, read_records
+from dash_core.models import char_tokenizer
+from dash_core.prompts import encode_prompts
+
+DATA = Path(__file__).parent / "data"
+SHARED = Path(__file__).parents[2] / "shared" / "data"
+
+
+def test_math500_rows_become_boxed_math_prompts():
+    problems = load_problems("math500", str(DATA / "math500_test.jsonl"))
+    assert len(problems) == 20 and all(p.kind == "math" for p in problems)
+    first = problems[0]
+    assert first.answer == "\\left( 3, \\frac{\\pi}{2} \\right)"
+    assert first.prompt.startswith("Convert the point") and first.prompt.endswith("within \\boxed{}.")
+    assert first.id == "test/precalculus/807.json" and "\\boxed" in first.solution
+
+
+def test_gsm8k_reference_and_solution():
+    (natalia, *_) = load_problems("gsm8k", str(DATA / "gsm8k_train.jsonl"))
+    assert natalia.answer == "72"
+    assert "<<" not in natalia.solution and natalia.solution.endswith("\\boxed{72}$.")
+
+
+def test_mbpp_split_by_task_id_and_tests():
+    test = load_problems("mbpp", str(DATA / "mbpp.jsonl"), split="test")
+    train = load_problems("mbpp", str(DATA / "mbpp.jsonl"), split="train")
+    assert {p.id for p in test} == {f"mbpp/{i}" for i in range(11, 26)}
+    assert {p.id for p in train} == {f"mbpp/{i}" for i in range(1, 6)}
+    assert all(p.kind == "code" and "assert" in p.tests and p.solution.startswith("```python") for p in test)
+
+
+def test_mbpp_plus_originfmt_and_its_70_30_split():
+    every = load_problems("mbppplus", str(DATA / "mbppplus_originfmt.jsonl.gz"))
+    train = load_problems("mbppplus", str(DATA / "mbppplus_originfmt.jsonl.gz"), split="train")
+    test = load_problems("mbppplus", str(DATA / "mbppplus_originfmt.jsonl.gz"), split="test")
+    assert len(every) == 20 and {p.id for p in train} | {p.id for p in test} == {p.id for p in every}
+    assert not {p.id for p in train} & {p.id for p in test}
+    assert every[0].id == "mbppplus/2" and "similar_elements" in every[0].prompt
+
+
+def test_seeded_subsets_and_templates():
+    path = str(DATA / "math500_test.jsonl")
+    a = load_problems("math500", path, size=5, seed=1)
+    assert [p.id for p in a] == [p.id for p in load_problems("math500", path, size=5, seed=1)]
+    assert [p.id for p in a] != [p.id for p in load_problems("math500", path, size=5, seed=2)]
+    custom = load_problems("math500", path, size=1, template="Q: {question}\nA:")
+    assert custom[0].prompt.startswith("Q: ") and custom[0].prompt.endswith("\nA:")
+
+
+def test_folders_and_parquet(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = read_records(DATA / "gsm8k_train.jsonl")
+    pq.write_table(pa.Table.from_pylist(rows[:7]), tmp_path / "a.parquet")
+    (tmp_path / "b.jsonl").write_text((DATA / "gsm8k_train.jsonl").read_text())
+    assert len(load_problems("gsm8k", str(tmp_path))) == 27
+
+
+def test_offline_without_a_path_says_how_to_pass_one(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(FileNotFoundError, match="pass a local copy instead"):
+        load_problems("gsm8k")
+    with pytest.raises(FileNotFoundError, match="no hub id here"):
+        load_problems("math")
+    with pytest.raises(FileNotFoundError, match="dataset file not found"):
+        load_problems("gsm8k", "/nonexistent/gsm8k.jsonl")
+    with pytest.raises(ValueError, match="unknown dataset 'mathh'"):
+        load_problems("mathh")
+
+
+def test_dataset_task_walks_epochs_in_seeded_orders():
+    task = DatasetTask(DatasetConfig(name="math", path=str(DATA / "math_train.jsonl")), seed=0)
+    first_epoch = [p.id for i in range(4) for p in task.train_problems(i, 5)]
+    assert sorted(first_epoch) == sorted(p.id for p in task.problems)
+    second_epoch = [p.id for i in range(4, 8) for p in task.train_problems(i, 5)]
+    assert sorted(second_epoch) == sorted(first_epoch) and second_epoch != first_epoch
+
+
+def test_plain_prompts_without_a_chat_template():
+    tokenizer = char_tokenizer()
+    (problem,) = load_problems("math500", str(DATA / "math500_test.jsonl"), size=1)
+    assert encode_prompts(tokenizer, [problem]) == [tokenizer(problem.prompt)["input_ids"]]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="the full offline copies live beside the checkout on project machines")
+def test_full_offline_copies_load():
+    assert len(load_problems("math500", str(SHARED / "math500_test.jsonl"))) == 500
+    assert len(load_problems("math", str(SHARED / "math_train_12k.jsonl"))) == 11_998  # 2 rows have no answer
+    assert len(load_problems("gsm8k", str(SHARED / "gsm8k_train.jsonl"))) == 7_473
+    assert len(load_problems("mbpp", str(SHARED / "mbpp.jsonl"))) == 500
+    assert len(load_problems("mbppplus", str(SHARED / "MbppPlus-OriginFmt.jsonl.gz"))) == 378
