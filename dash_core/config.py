@@ -73,8 +73,28 @@ TaskConfig = Annotated[
 ]
 
 
+class VLLMConfig(Section):
+    """The in-process vLLM engine (`sampler.backend: vllm`)."""
+
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU memory fraction for weights + KV cache")
+    max_model_len: int | None = Field(None, gt=0, description="None: the model's own limit")
+    enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
+    sleep_mode: bool = Field(False, description="GPU: free the engine's memory while the learner runs")
+
+
+class RemoteConfig(Section):
+    """OpenAI-compatible vLLM servers (`sampler.backend: remote`), given by URL and/or launched by the flow."""
+
+    urls: list[str] = Field(default_factory=list, description="running servers, e.g. http://gpu1:8000")
+    launch: int = Field(0, ge=0, description="local servers the flow starts (and stops) itself")
+    base_port: int = Field(8200, gt=0, lt=65536, description="first port of launched servers")
+    timeout_s: float = Field(600, gt=0, description="per request; a server past it is dropped and its shard retried")
+    sync_dir: str | None = Field(None, description="folder all servers can read, for weight sync; None: the run's store folder (local store) or a temp folder")
+    server_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments for launched servers")
+
+
 class SamplerConfig(Section):
-    backend: Literal["transformers"] = "transformers"
+    backend: Literal["transformers", "vllm", "remote"] = "transformers"
     prompts_per_iteration: int = Field(64, gt=0, description="M: prompts in one preemptive batch")
     group_size: int = Field(8, ge=2, description="G: completions per prompt")
     batch_size: int | None = Field(None, gt=0, description="sequences per sampling call; None = all M x G at once")
@@ -82,6 +102,9 @@ class SamplerConfig(Section):
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
+    stop: list[str] = Field(default_factory=list, description="extra stop strings (end-of-sequence always stops)")
+    vllm: VLLMConfig = VLLMConfig()
+    remote: RemoteConfig = RemoteConfig()
 
 
 class AlgoConfig(Section):
@@ -164,6 +187,9 @@ class DashConfig(Section):
     def _consistent(self) -> DashConfig:
         if self.sampler.batch_size is not None and self.sampler.batch_size % self.sampler.group_size:
             raise ValueError("sampler.batch_size must be a multiple of sampler.group_size (whole groups per call)")
+        remote = self.sampler.remote
+        if self.sampler.backend == "remote" and not (remote.urls or remote.launch):
+            raise ValueError("sampler.backend=remote needs servers: sampler.remote.urls and/or sampler.remote.launch > 0")
         if self.task.name != "arithmetic" and not self.eval.datasets:
             raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")
         return self

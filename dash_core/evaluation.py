@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from math import comb
@@ -74,13 +75,13 @@ def evaluate_sets(
 
 def eval_sampling(config: DashConfig) -> SamplingParams:
     s, e = config.sampler, config.eval
-    return SamplingParams(e.n, e.max_new_tokens or s.max_new_tokens, e.temperature, s.top_p, s.top_k)
+    return SamplingParams(e.n, e.max_new_tokens or s.max_new_tokens, e.temperature, s.top_p, s.top_k, tuple(s.stop))
 
 
 def evaluate_model(config: DashConfig) -> dict[str, EvalResult]:
     """Score `config.model` on `config.eval.datasets` (or, when that is empty, the task's held-out set)."""
     policy, tokenizer = load_policy(config.model, config.seed)
-    sampler = build_sampler(config.sampler, policy, tokenizer)
+    sampler = build_sampler(config.sampler, policy, tokenizer, config.seed, tempfile.mkdtemp(prefix="dash-eval-"))
     sets = eval_sets(config, None if config.eval.datasets else build_task(config.task, config.seed))
     encode = lambda problems: encode_prompts(tokenizer, problems, config.model.use_chat_template)  # noqa: E731
     return evaluate_sets(sets, encode, sampler, eval_sampling(config), tuple(config.eval.ks))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -59,7 +60,8 @@ class TrainingRun:
         self.task = build_task(config.task, config.seed)
         self.eval_sets = eval_sets(config, self.task)
         self.policy, self.tokenizer = load_policy(config.model, config.seed, path=checkpoint_dir)
-        self.sampler = build_sampler(config.sampler, self.policy, self.tokenizer)
+        self.sync_dir = self._sync_dir()
+        self.sampler = build_sampler(config.sampler, self.policy, self.tokenizer, config.seed, self.sync_dir)
         self.learner = Learner(self.policy, config.learner, RULES[config.algo.rule], self.tokenizer.pad_token_id)
         self.iteration = 0  # iterations whose update is in the weights
         self.checkpointed = 0
@@ -69,6 +71,23 @@ class TrainingRun:
     @property
     def run_id(self) -> str:
         return self.tracker.run_id
+
+    def _sync_dir(self) -> str:
+        """A local folder for weight files that samplers (and local inference servers) read."""
+        if self.config.sampler.remote.sync_dir:
+            path = self.config.sampler.remote.sync_dir
+        elif "file" in self.store.fs.protocol:  # a local (or shared network) folder
+            path = self.store.path("sampler_weights")
+        else:
+            path = tempfile.mkdtemp(prefix="dash-sync-")
+        os.makedirs(path, exist_ok=True)
+        return path
+
+    def save_policy(self, path: str) -> str:
+        """The current policy as a model directory (what an inference server starts from)."""
+        self.policy.save_pretrained(path)
+        self.tokenizer.save_pretrained(path)
+        return path
 
     @classmethod
     def start(cls, config: DashConfig) -> TrainingRun:
@@ -138,7 +157,7 @@ class TrainingRun:
 
     def sampling(self, n: int) -> SamplingParams:
         cfg = self.config.sampler
-        return SamplingParams(n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k)
+        return SamplingParams(n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, tuple(cfg.stop))
 
     def sample(self, iteration: int) -> Rollouts:
         cfg = self.config.sampler

@@ -102,3 +102,16 @@ def test_sampler_logprobs_match_the_learner_recomputation(policy_and_tokenizer):
     logp, mask = completion_logprobs(policy, prompt_ids, [g.token_ids for g in gens], tokenizer.pad_token_id)
     for row, g in enumerate(gens):
         assert logp[row, : len(g.logprobs)].tolist() == pytest.approx(g.logprobs, abs=1e-4)
+
+
+def test_stop_strings_end_completions(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    sampler = TransformersSampler(policy, tokenizer)
+    prompts = [tokenizer("12+3=")["input_ids"]]
+    torch.manual_seed(0)
+    free = sampler.generate(prompts, SamplingParams(n=8, max_new_tokens=12))
+    stop = next(c for g in free for c in g.text[1:4] if c.strip())  # a character the model does produce
+    torch.manual_seed(0)
+    stopped = sampler.generate(prompts, SamplingParams(n=8, max_new_tokens=12, stop=(stop,)))
+    hits = [g for g in stopped if g.finish_reason == "stop" and g.text.endswith(stop)]
+    assert hits and all(len(g.token_ids) == len(g.logprobs) and tokenizer.pad_token_id not in g.token_ids[-1:] for g in hits)

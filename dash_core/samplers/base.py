@@ -15,6 +15,7 @@ class SamplingParams:
     temperature: float = 1.0  # 0 means greedy
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
+    stop: tuple[str, ...] = ()  # stop strings, beside the end-of-sequence token
 
 
 @dataclass

@@ -40,16 +40,19 @@ class TransformersSampler:
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=self._generation_config(params),
+            tokenizer=self.tokenizer if params.stop else None,
         )
         tokens = out.sequences[:, width:]
         logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
         generations = []
         for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
-            stop = row.index(eos) + 1 if eos in row else len(row)
-            finish = "stop" if eos in row else "length"
-            ids = row[:stop]
-            text = self.tokenizer.decode(ids, skip_special_tokens=True)
-            generations.append(Generation(ids, row_logprobs[:stop], text, finish))
+            end = row.index(eos) + 1 if eos in row else len(row)
+            text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
+            stopped = eos in row or any(stop in text for stop in params.stop)
+            if stopped and eos not in row:
+                while end and row[end - 1] == pad:  # generate pads a row once a stop string ends it
+                    end -= 1
+            generations.append(Generation(row[:end], row_logprobs[:end], text, "stop" if stopped else "length"))
         return generations
 
     def _generation_config(self, params: SamplingParams) -> GenerationConfig:
@@ -63,6 +66,7 @@ class TransformersSampler:
             top_p=None if greedy else params.top_p,
             top_k=None if greedy else params.top_k,
             repetition_penalty=1.0,
+            stop_strings=list(params.stop) or None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
             output_logits=True,
