@@ -108,9 +108,16 @@ class SamplerConfig(Section):
 
 
 class AlgoConfig(Section):
-    rule: Literal["pg"] = "pg"
+    """The update rule and its knobs (dash_core/rules.py has the formulas)."""
+
+    rule: Literal["pg", "grpo", "ppo_multi", "ppo_mini", "sft"] = "pg"
     tau: float = Field(0.1, ge=0, description="gradient filter: drop samples with |A| < tau; 0 keeps all")
     scale_std: bool = Field(True, description="divide group-centred rewards by the group's std")
+    beta: float = Field(0.0, ge=0, description="KL coefficient to a frozen reference (k3); 0 loads no reference")
+    clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the ratio pi / pi_old (grpo, ppo_*)")
+    ppo_steps: int = Field(1, gt=0, description="K: optimizer steps over the batch (ppo_multi) or minibatches (ppo_mini)")
+    sft_source: Literal["human", "teacher"] = Field("human", description="sft: human solutions, or a teacher's correct traces")
+    teacher: str | None = Field(None, description="sft teacher: model id or directory ('sweep:<preset>' inside a sweep)")
     max_empty_iterations: int = Field(20, gt=0, description="stop after this many iterations in a row with nothing kept")
 
 
@@ -161,6 +168,7 @@ class TrackingConfig(Section):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
     experiment: str = "dash"
     run_name: str | None = None
+    parent_run_id: str | None = Field(None, description="nest this run under another (a sweep's parent run)")
 
 
 class CheckpointConfig(Section):
@@ -170,6 +178,8 @@ class CheckpointConfig(Section):
 
 class DashConfig(Section):
     iterations: int = Field(200, gt=0)
+    budget_minutes: float | None = Field(None, gt=0, description="stop once training (not evaluation) took this long")
+    budget_samples: int | None = Field(None, gt=0, description="stop once this many completions were sampled")
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch CPU threads; None leaves torch's default")
     model: ModelConfig = ModelConfig()
@@ -190,16 +200,33 @@ class DashConfig(Section):
         remote = self.sampler.remote
         if self.sampler.backend == "remote" and not (remote.urls or remote.launch):
             raise ValueError("sampler.backend=remote needs servers: sampler.remote.urls and/or sampler.remote.launch > 0")
+        if self.algo.rule == "sft" and self.algo.sft_source == "teacher" and not self.algo.teacher:
+            raise ValueError("algo.sft_source=teacher needs algo.teacher: a stronger model's id or directory")
         if self.task.name != "arithmetic" and not self.eval.datasets:
             raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")
         return self
 
+    def public(self) -> dict[str, Any]:
+        """The config as logged and stored: credentials in store.storage_options are masked."""
+        data = self.model_dump(mode="json")
+        data["store"]["storage_options"] = _redact(data["store"]["storage_options"])
+        return data
+
     def flat(self) -> dict[str, Any]:
         """Dotted keys to values, the form MLflow params take."""
-        return _flatten(self.model_dump(mode="json"))
+        return _flatten(self.public())
 
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        return yaml.safe_dump(self.public(), sort_keys=False)
+
+
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+
+
+def _redact(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: "***" if any(w in k.lower() for w in SECRET_WORDS) else _redact(v) for k, v in tree.items()}
+    return tree
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -250,10 +277,13 @@ def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return merged
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None) -> DashConfig:
-    """Defaults <- `base` (e.g. a resumed run's config) <- YAML file <- `--set` overrides, then validate."""
+def load_config(
+    paths: str | Path | list[str | Path] | None = None, overrides: list[str] = (), base: dict[str, Any] | None = None
+) -> DashConfig:
+    """Defaults <- `base` (e.g. a resumed run's config) <- YAML files in order <- `--set` overrides, then validate."""
+    paths = [] if paths is None else [paths] if isinstance(paths, (str, Path)) else list(paths)
     data = dict(base or {})
-    if path is not None:
+    for path in paths:
         data = merge(data, read_yaml(path))
     for text in overrides:
         keys, value = parse_override(text)
@@ -261,7 +291,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = (), base:
         for key in reversed(keys):
             update = {key: update}
         data = merge(data, update)
-    return validate(data, source=str(path) if path else "config")
+    return validate(data, source=" + ".join(map(str, paths)) or "config")
 
 
 def validate(data: dict[str, Any], source: str = "config") -> DashConfig:

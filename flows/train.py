@@ -50,15 +50,19 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
                         learned = learn(run, manifest)
                     with timed(metrics, "time/sync_s"):
                         sync_weights(run)
-                metrics |= scores | learned
+                run.train_seconds += metrics["time/iteration_s"]
+                metrics |= scores | learned | {"time/train_s": run.train_seconds}
                 progress.iteration(iteration, metrics)
-                if iteration % config.eval.every == 0 or iteration == config.iterations:
+                last = iteration == config.iterations or run.budget_spent()
+                if iteration % config.eval.every == 0 or last:
                     scores = evaluate(run, iteration)
                     metrics |= scores
                     progress.evaluation(iteration, scores)
                 run.log(metrics, iteration)
-                if iteration % config.checkpoint.every == 0 or iteration == config.iterations:
+                if iteration % config.checkpoint.every == 0 or last:
                     checkpoint(run)
+                if last:
+                    break
     except BaseException as exc:
         # Keep what the weights already hold, so `--resume` loses at most the interrupted iteration.
         if run.iteration > run.checkpointed:

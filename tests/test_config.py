@@ -65,3 +65,11 @@ def test_presets_in_configs_are_valid():
     assert presets
     for preset in presets:
         load_config(preset)
+
+
+def test_credentials_are_masked_where_the_config_is_logged():
+    config = load_config(overrides=["store.storage_options={key: AKIA123, secret: s3cr3t, client_kwargs: {endpoint_url: http://x}}"])
+    assert config.store.storage_options["secret"] == "s3cr3t"
+    public = config.public()["store"]["storage_options"]
+    assert public == {"key": "***", "secret": "***", "client_kwargs": {"endpoint_url": "http://x"}}
+    assert "s3cr3t" not in config.to_yaml() and "s3cr3t" not in str(config.flat())

@@ -4,13 +4,14 @@ import math
 import pytest
 import torch
 
-from dash_core.config import LearnerConfig, ModelConfig, TinyModelConfig
+from dash_core.config import AlgoConfig, LearnerConfig, ModelConfig, TinyModelConfig
 from dash_core.learner import Learner, NonFiniteLossError, completion_logprobs
 from dash_core.models import load_policy
-from dash_core.rules import pg
+from dash_core.rules import policy_gradient
 from dash_core.samplers import SamplingParams, TransformersSampler
 
 TINY = ModelConfig(tiny=TinyModelConfig(hidden_size=64, num_heads=1, intermediate_size=128))
+PG = AlgoConfig()
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +39,9 @@ def test_pg_loss_matches_hand_computation():
     logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     chunk = {"advantage": torch.tensor([2.0, -1.0])}
-    # -(2 * (-1 - 2) + (-1) * (-1.5)) / 5 = -(-6 + 1.5) / 5 = 0.9
-    assert pg(logp, mask, chunk, total_tokens=5).item() == pytest.approx(0.9)
+    # summed: -(2 * (-1 - 2) + (-1) * (-1.5)) = 4.5; the learner divides by the 5 tokens -> 0.9
+    loss, clipped = policy_gradient(logp, mask, chunk, 0.2)
+    assert loss.item() == pytest.approx(4.5) and clipped.item() == 0
 
 
 def test_completion_logprobs_match_a_direct_forward(policy_and_tokenizer):
@@ -56,13 +58,12 @@ def test_completion_logprobs_match_a_direct_forward(policy_and_tokenizer):
 def test_chunked_accumulation_gives_the_full_batch_gradient(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
     batch = make_batch(tokenizer)
-    total = sum(len(c) for c in batch["completion_ids"])
     cfg = LearnerConfig(grad_clip=1e9, lr=1e-3)
-    full = Learner(copy.deepcopy(policy), cfg, pg, tokenizer.pad_token_id)
-    chunked = Learner(copy.deepcopy(policy), cfg, pg, tokenizer.pad_token_id)
-    stats_full = full.step(chunks_of(batch, 8), total)
-    stats_chunked = chunked.step(chunks_of(batch, 3), total)
-    assert stats_chunked.loss == pytest.approx(stats_full.loss, rel=1e-5)
+    full = Learner(copy.deepcopy(policy), cfg, PG, tokenizer.pad_token_id)
+    chunked = Learner(copy.deepcopy(policy), cfg, PG, tokenizer.pad_token_id)
+    stats_full = full.step(chunks_of(batch, 8))
+    stats_chunked = chunked.step(chunks_of(batch, 3))
+    assert stats_chunked.loss_sum == pytest.approx(stats_full.loss_sum, rel=1e-5)
     assert stats_chunked.grad_norm == pytest.approx(stats_full.grad_norm, rel=1e-4)
     for a, b in zip(full.policy.parameters(), chunked.policy.parameters()):
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
@@ -71,22 +72,22 @@ def test_chunked_accumulation_gives_the_full_batch_gradient(policy_and_tokenizer
 
 def test_step_changes_weights_and_reports_tokens(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
-    learner = Learner(copy.deepcopy(policy), LearnerConfig(lr=1e-2), pg, tokenizer.pad_token_id)
+    learner = Learner(copy.deepcopy(policy), LearnerConfig(lr=1e-2), PG, tokenizer.pad_token_id)
     before = [p.detach().clone() for p in learner.policy.parameters()]
     batch = make_batch(tokenizer)
-    stats = learner.step(chunks_of(batch, 4), sum(len(c) for c in batch["completion_ids"]))
+    stats = learner.step(chunks_of(batch, 4))
     assert stats.sequences == 8 and stats.tokens == sum(len(c) for c in batch["completion_ids"])
     assert any(not torch.equal(a, b) for a, b in zip(before, learner.policy.parameters()))
 
 
 def test_non_finite_loss_stops_without_touching_weights(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
-    learner = Learner(copy.deepcopy(policy), LearnerConfig(), pg, tokenizer.pad_token_id)
+    learner = Learner(copy.deepcopy(policy), LearnerConfig(), PG, tokenizer.pad_token_id)
     before = [p.detach().clone() for p in learner.policy.parameters()]
     batch = make_batch(tokenizer, 4)
     batch["advantage"][1] = math.nan
     with pytest.raises(NonFiniteLossError, match="step was not taken.*Lower learner.lr"):
-        learner.step(chunks_of(batch, 2), 8)
+        learner.step(chunks_of(batch, 2))
     assert all(torch.equal(a, b) for a, b in zip(before, learner.policy.parameters()))
 
 

@@ -24,14 +24,16 @@ def batch_columns(n=10):
 
 def test_batch_round_trip_serves_kept_rows_in_chunks(store):
     columns = batch_columns()
-    manifest = store.write_batch(3, columns, kept_tokens=13)
-    assert (manifest.rows, manifest.kept, manifest.kept_tokens) == (10, 6, 13)
+    manifest = store.write_batch(3, columns)
+    assert (manifest.rows, manifest.kept) == (10, 6)
     assert store.manifest(3) == manifest
     chunks = list(store.kept_chunks(manifest, size=4, columns=["prompt_ids", "advantage"]))
     assert [len(c["advantage"]) for c in chunks] == [4, 2]
     served = sorted(a for c in chunks for a in c["advantage"])
     assert served == sorted(a for a, k in zip(columns["advantage"], columns["kept"]) if k)
     assert set(chunks[0]) == {"prompt_ids", "advantage"}
+    middle = list(store.kept_chunks(manifest, size=4, columns=["advantage"], rows=range(3, 5)))
+    assert [c["advantage"] for c in middle] == [[chunks[0]["advantage"][3]], chunks[1]["advantage"][:1]]
     table = store.read_batch(3)
     assert table.num_rows == 10 and sorted(table.column("advantage").to_pylist()) == sorted(columns["advantage"])
 
