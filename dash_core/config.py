@@ -89,8 +89,8 @@ class RemoteConfig(Section):
     launch: int = Field(0, ge=0, description="local servers the flow starts (and stops) itself")
     base_port: int = Field(8200, gt=0, lt=65536, description="first port of launched servers")
     timeout_s: float = Field(600, gt=0, description="per request; a server past it is dropped and its shard retried")
-    sync_dir: str | None = Field(None, description="folder all servers can read, for weight sync; None: the run's store folder (local store) or a temp folder")
-    server_args: list[str] = Field(default_factory=list, description="extra `vllm serve` arguments for launched servers")
+    sync_dir: str | None = Field(None, description="folder all servers can read, for weight sync (a subfolder per run); None: the run's store folder (local store) or a temp folder")
+    server_args: list[str] = Field(default_factory=list, description="extra vLLM API server arguments for launched servers")
 
 
 class SamplerConfig(Section):

@@ -78,13 +78,26 @@ class TrainingRun:
     def _sync_dir(self) -> str:
         """A local folder for weight files that samplers (and local inference servers) read."""
         if self.config.sampler.remote.sync_dir:
-            path = self.config.sampler.remote.sync_dir
+            path = os.path.join(self.config.sampler.remote.sync_dir, self.run_id)
         elif "file" in self.store.fs.protocol:  # a local (or shared network) folder
             path = self.store.path("sampler_weights")
         else:
             path = tempfile.mkdtemp(prefix="dash-sync-")
         os.makedirs(path, exist_ok=True)
         return path
+
+    def launch_servers(self) -> list:
+        """Start `sampler.remote.launch` local vLLM servers on the current policy and sample from them too."""
+        from dash_core.serving import launch_servers
+
+        cfg = self.config.sampler
+        model_dir = self.save_policy(os.path.join(self.sync_dir, "initial"))
+        servers = launch_servers(
+            model_dir, cfg.remote.launch, cfg.remote.base_port, cfg.remote.server_args,
+            dtype=self.config.model.dtype, max_model_len=cfg.vllm.max_model_len,
+        )  # fmt: skip
+        self.sampler.add_servers([server.url for server in servers])
+        return servers
 
     def save_policy(self, path: str) -> str:
         """The current policy as a model directory (what an inference server starts from)."""
@@ -253,7 +266,7 @@ class TrainingRun:
             "train/abs_adv_kept_mean": advantages[kept].abs().mean().item() if kept.any() else 0.0,
             "gen/length_mean": sum(len(g.token_ids) for g in gens) / len(gens),
             "samples/total": self.samples_total,
-        }
+        } | ({"sampler/servers": len(self.sampler.servers)} if hasattr(self.sampler, "servers") else {})
 
     def learn(self, manifest: BatchManifest) -> dict[str, float]:
         """Request the kept samples from the store chunk by chunk; one optimizer step (K for ppo_*)."""

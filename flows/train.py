@@ -13,7 +13,17 @@ from prefect import flow
 from dash_core.config import DashConfig
 from dash_core.run import TrainingRun
 from flows.progress import TrainingProgress
-from tasks.training import checkpoint, evaluate, learn, reward_and_filter, sample, sync_weights, warm_up
+from tasks.training import (
+    checkpoint,
+    evaluate,
+    launch_servers,
+    learn,
+    reward_and_filter,
+    sample,
+    stop_servers,
+    sync_weights,
+    warm_up,
+)
 
 log = logging.getLogger(__name__)
 
@@ -31,7 +41,11 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
     run = TrainingRun.resume(config, resume) if resume else TrainingRun.start(config)
     progress = TrainingProgress(config.iterations, run.iteration, run.task.name)
     progress.console.print(f"run {run.run_id}: rollouts and checkpoints in {run.store.url}")
+    servers = []
     try:
+        if config.sampler.backend == "remote" and config.sampler.remote.launch:
+            servers = launch_servers(run)
+        sync_weights(run)  # samplers holding their own weights (servers given by URL, a resumed run) catch up
         if run.iteration == 0:
             if config.warmup.steps:
                 run.log(warm_up(run), 0)
@@ -73,6 +87,11 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
         run.tracker.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
         progress.console.print(f"[red]stopped at iteration {run.iteration}[/]: resume with  dashrl train --resume {run.run_id}")
         raise
+    finally:
+        if servers:
+            stop_servers(servers)
+        if getattr(run.sampler, "events", None):
+            run.tracker.log_jsonl(run.sampler.events, "sampler_events.jsonl")
     run.tracker.finish()
     progress.summary(run.run_id, run.samples_total)
     return run.run_id

