@@ -32,8 +32,8 @@ def test_gsm8k_reference_and_solution():
 def test_mbpp_split_by_task_id_and_tests():
     test = load_problems("mbpp", str(DATA / "mbpp.jsonl"), split="test")
     train = load_problems("mbpp", str(DATA / "mbpp.jsonl"), split="train")
-    assert {p.id for p in test} == {f"mbpp/{i}" for i in range(11, 26)}
-    assert {p.id for p in train} == {f"mbpp/{i}" for i in range(1, 6)}
+    assert {p.id for p in test} == {f"mbpp/{i}" for i in [*range(11, 26), 367]}
+    assert {p.id for p in train} == {f"mbpp/{i}" for i in [1, 2, 3, 4, 5, 927]}
     assert all(p.kind == "code" and "assert" in p.tests and p.solution.startswith("```python") for p in test)
 
 
