@@ -70,12 +70,12 @@ def eval_names(runs: list[PresetRun]) -> list[str]:
 def markdown_table(runs: list[PresetRun]) -> str:
     sets = eval_names(runs)
     ks = sorted({int(k.rsplit("_", 1)[1]) for r in runs for k in r.history if "/pass_at_" in k})
-    header = ["preset"]
+    header = ["preset", "status"]
     header += [f"{s} {m}" for s in sets for m in ["greedy acc", "sampled acc", *[f"pass@{k}" for k in ks]]]
     header += ["wall-clock s", "samples", "mean length", "sample / learn time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in runs:
-        cells = [r.name]
+        cells = [r.name, r.run.info.status.lower()]
         for s in sets:
             keys = [f"eval/{s}/accuracy", f"eval/{s}/sampled_accuracy", *[f"eval/{s}/pass_at_{k}" for k in ks]]
             cells += [_fmt(r.final(key)) for key in keys]

@@ -40,6 +40,18 @@ class EverythingFilteredError(RuntimeError):
     """Every group had equal rewards for too long: no gradient is left and the run cannot recover."""
 
 
+def _nothing_left(iterations: int, reward_mean: float) -> str:
+    why = f"{iterations} iterations in a row had every group all-right or all-wrong (mean reward {reward_mean:.2f}), "
+    if reward_mean >= 1.0:
+        return why + "so the policy solves its training problems: nothing is left to learn; stop, or use harder problems."
+    if reward_mean <= 0.0:
+        return why + (
+            "so the policy gets nothing right and has likely collapsed: resume from an earlier checkpoint with a "
+            "lower learner.lr (or fewer algo.ppo_steps), or use a larger sampler.group_size."
+        )
+    return why + "so no sample carries a gradient: use a larger sampler.group_size or a lower algo.tau."
+
+
 @dataclass
 class Rollouts:
     """One preemptive batch: M problems and their M x `group` completions, prompt-major."""
@@ -273,11 +285,7 @@ class TrainingRun:
         if manifest.kept == 0:
             self.empty_iterations += 1
             if self.empty_iterations >= self.config.algo.max_empty_iterations:
-                raise EverythingFilteredError(
-                    f"{self.empty_iterations} iterations in a row had every group all-right or all-wrong, so the "
-                    "gradient filter kept nothing and the policy cannot change. The policy has likely collapsed: "
-                    "resume from an earlier checkpoint with a lower learner.lr, or use a larger sampler.group_size."
-                )
+                raise EverythingFilteredError(_nothing_left(self.empty_iterations, manifest.reward_mean))
             log.warning("iteration %d: every group had equal rewards; nothing to learn from", manifest.iteration)
             self.iteration = manifest.iteration
             return {"train/loss": 0.0, "train/grad_norm": 0.0}

@@ -29,6 +29,7 @@ class BatchManifest:
     path: str
     rows: int
     kept: int
+    reward_mean: float
 
 
 class RunStore:
@@ -82,14 +83,15 @@ class RunStore:
 
     # -- rollout batches ---------------------------------------------------------------------------------------
     def write_batch(self, iteration: int, columns: dict[str, list]) -> BatchManifest:
-        """`columns` must hold a boolean `kept` column; kept rows are written first."""
+        """`columns` must hold a boolean `kept` and a numeric `reward` column; kept rows are written first."""
         table = pa.table(columns)
         table = table.take(pa.array(sorted(range(table.num_rows), key=lambda i: not columns["kept"][i])))
         relpath = f"rollouts/iter_{iteration:06d}/batch.parquet"
         sink = pa.BufferOutputStream()
         pq.write_table(table, sink)
         self.write_bytes(relpath, sink.getvalue().to_pybytes())
-        manifest = BatchManifest(iteration, relpath, table.num_rows, sum(columns["kept"]))
+        rewards = columns["reward"]
+        manifest = BatchManifest(iteration, relpath, table.num_rows, sum(columns["kept"]), sum(rewards) / len(rewards))
         self.write_json(f"rollouts/iter_{iteration:06d}/manifest.json", asdict(manifest))
         return manifest
 

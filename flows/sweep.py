@@ -1,17 +1,19 @@
 """The `dash-sweep` flow: the paper's comparisons side by side, each preset a `dash-train` subflow.
 
 All presets share one MLflow experiment: a parent run for the sweep, one child run per preset, and the report
-(table + plots) as the parent's artifacts. Budgets are equal as in the paper: a time or sample budget given for
+(table + plots) as the parent's artifacts. A preset that fails is recorded (its run keeps status FAILED) and the
+sweep goes on with the others. Budgets are equal as in the paper: a time or sample budget given for
 all, or else every other preset is truncated to the training wall-clock of the `dash` preset, which runs first.
 """
 
 from __future__ import annotations
 
+import json
 import tempfile
 import time
 from pathlib import Path
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from dash_core.checkpoint import load_latest
@@ -75,6 +77,7 @@ def dash_sweep(
     parent.client.log_param(parent.run_id, "presets", ",".join(presets))
     order = sorted(presets, key=lambda name: name != "dash")  # dash first: its wall-clock is the others' budget
     finished: dict[str, tuple[DashConfig, str]] = {}
+    failed: dict[str, str] = {}
     try:
         for name in order:
             extra = []
@@ -90,9 +93,16 @@ def dash_sweep(
             if config.algo.teacher and config.algo.teacher.startswith("sweep:"):
                 source = config.algo.teacher.removeprefix("sweep:")
                 if source not in finished:
-                    raise ValueError(f"preset {name!r} learns from sweep:{source}, which must run earlier in the sweep")
+                    failed[name] = f"learns from sweep:{source}, which must run (and finish) earlier in the sweep"
+                    continue
                 config.algo.teacher = final_checkpoint(*finished[source])
-            finished[name] = (config, dash_train.with_options(flow_run_name=f"{experiment}-{name}")(config=config))
+            try:
+                finished[name] = (config, dash_train.with_options(flow_run_name=f"{experiment}-{name}")(config=config))
+            except Exception as exc:  # one preset failing (say, a collapse) must not lose the others
+                failed[name] = str(exc)
+                get_run_logger().error("preset %s failed: %s", name, exc)
+        if failed:
+            parent.log_text(json.dumps(failed, indent=1), "failed_presets.json")
         folder = report(base.tracking.uri, experiment, str(Path(report_dir) / experiment), parent.run_id)
     except BaseException:
         parent.finish("FAILED")

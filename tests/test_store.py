@@ -19,13 +19,14 @@ def batch_columns(n=10):
         "advantage": [float(i - 5) for i in range(n)],
         "sampler_logprobs": [[-0.5] * (1 + i % 3) for i in range(n)],
         "kept": [i % 3 != 0 for i in range(n)],
+        "reward": [float(i % 2) for i in range(n)],
     }
 
 
 def test_batch_round_trip_serves_kept_rows_in_chunks(store):
     columns = batch_columns()
     manifest = store.write_batch(3, columns)
-    assert (manifest.rows, manifest.kept) == (10, 6)
+    assert (manifest.rows, manifest.kept, manifest.reward_mean) == (10, 6, 0.5)
     assert store.manifest(3) == manifest
     chunks = list(store.kept_chunks(manifest, size=4, columns=["prompt_ids", "advantage"]))
     assert [len(c["advantage"]) for c in chunks] == [4, 2]

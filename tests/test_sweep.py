@@ -1,5 +1,7 @@
 """A tiny sweep over every preset: Prefect subflows, one MLflow experiment, the report and its plots."""
 
+import json
+
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -52,3 +54,18 @@ def test_unknown_preset_fails_before_any_run(prefect_api, small_config, tmp_path
     with pytest.raises(FileNotFoundError, match="no preset 'dahs'"):
         dash_sweep(presets=["dash", "dahs"], overrides=[f"tracking.uri={small_config.tracking.uri}"], experiment="bad")
     assert MlflowClient(small_config.tracking.uri).get_experiment_by_name("bad") is None
+
+
+def test_a_failing_preset_is_reported_and_the_sweep_goes_on(prefect_api, small_config, tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text(yaml.safe_dump(small_config.model_dump(mode="json")))
+    broken = tmp_path / "broken.yaml"  # random weights get no reward: nothing is kept, and it stops at once
+    broken.write_text("warmup:\n  steps: 0\nalgo:\n  max_empty_iterations: 1\n")
+    dash_sweep(presets=[str(broken), "dash"], configs=[str(base)], experiment="partial", report_dir=str(tmp_path))
+    table = (tmp_path / "partial" / "report.md").read_text()
+    assert "| dash | finished |" in table and f"| {broken} | failed |" in table
+    client = MlflowClient(small_config.tracking.uri)
+    (parent,) = client.search_runs([client.get_experiment_by_name("partial").experiment_id], "tags.`dash.kind` = 'sweep'")
+    with open(client.download_artifacts(parent.info.run_id, "failed_presets.json")) as f:
+        failed = json.load(f)
+    assert list(failed) == [str(broken)] and "gets nothing right" in failed[str(broken)]
