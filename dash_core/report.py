@@ -108,7 +108,7 @@ def _plot(runs: list[PresetRun], path: Path, x_key: str | None, y_key: str, x_la
         ys = r.series(y_key)
         xs = r.series(x_key) if x_key else {step: step for step in ys}
         steps = [s for s in ys if s in xs]
-        ax.plot([xs[s] for s in steps], [ys[s] for s in steps], label=r.name)
+        ax.plot([xs[s] for s in steps], [ys[s] for s in steps], marker=".", markersize=3, label=r.name)
     return _save(fig, ax, path, x_label, y_label)
 
 
@@ -120,7 +120,8 @@ def _plot_accuracy(runs: list[PresetRun], path: Path) -> Path:
             clock = {0: 0.0} | r.series("time/train_s")
             acc = r.series(f"eval/{name}/sampled_accuracy")
             steps = [s for s in acc if s in clock]
-            ax.plot([clock[s] for s in steps], [acc[s] for s in steps], style, color=f"C{color}", label=f"{r.name} ({name})")
+            ax.plot([clock[s] for s in steps], [acc[s] for s in steps], style, marker=".", color=f"C{color}",
+                    label=f"{r.name} ({name})")  # fmt: skip
     return _save(fig, ax, path, "training wall-clock (s)", "held-out sampled accuracy")
 
 
