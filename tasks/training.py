@@ -14,7 +14,6 @@ from dash_core.serving import VLLMServer
 from dash_core.store import BatchManifest
 
 
-
 def phase(name: str, **options):
     """A task whose inputs and result stay in memory: never hashed for caching, never persisted."""
     return task(name=name, cache_policy=NO_CACHE, persist_result=False, **options)

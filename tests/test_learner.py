@@ -3,36 +3,20 @@ import math
 
 import pytest
 import torch
+from helpers import TINY, chunks_of, make_batch
 
-from dash_core.config import AlgoConfig, LearnerConfig, ModelConfig, TinyModelConfig
+from dash_core.config import AlgoConfig, LearnerConfig
 from dash_core.learner import Learner, NonFiniteLossError, completion_logprobs
 from dash_core.models import load_policy
 from dash_core.rules import policy_gradient
 from dash_core.samplers import SamplingParams, TransformersSampler
 
-TINY = ModelConfig(tiny=TinyModelConfig(hidden_size=64, num_heads=1, intermediate_size=128))
 PG = AlgoConfig()
 
 
 @pytest.fixture(scope="module")
 def policy_and_tokenizer():
     return load_policy(TINY, seed=0)
-
-
-def make_batch(tokenizer, n=8):
-    prompts = [tokenizer(f"{i}{i}+{i}=")["input_ids"] for i in range(n)]
-    completions = [tokenizer("1" * (1 + i % 4))["input_ids"] for i in range(n)]
-    return {
-        "prompt_ids": prompts,
-        "completion_ids": completions,
-        "advantage": [(-1.0) ** i * (0.5 + i / 10) for i in range(n)],
-        "sampler_logprobs": [[-1.0] * len(c) for c in completions],
-    }
-
-
-def chunks_of(batch, size):
-    n = len(batch["prompt_ids"])
-    return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
 
 
 def test_pg_loss_matches_hand_computation():

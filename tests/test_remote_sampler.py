@@ -15,7 +15,7 @@ import time
 import httpx
 import pytest
 import torch
-from helpers import max_gap
+from helpers import assert_on_policy_run, max_gap
 from mlflow.tracking import MlflowClient
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -149,12 +149,7 @@ def test_train_flow_on_the_remote_backend(prefect_api, small_config, servers, mo
     }
     config = DashConfig.model_validate(merge(small_config.model_dump(), update))
     run_id = dash_train(config=config)
-    client = MlflowClient(config.tracking.uri)
-    assert client.get_run(run_id).info.status == "FINISHED"
-    gaps = client.get_metric_history(run_id, "logprob_gap/mean")
-    assert sorted(m.step for m in gaps) == [1, 2]
-    print(f"flow logprob_gap/mean on remote: {[m.value for m in gaps]}")
-    assert all(m.value < 1e-3 for m in gaps)
+    assert_on_policy_run(config.tracking.uri, run_id, "remote")
 
 
 def test_train_flow_launches_and_stops_its_own_servers(prefect_api, small_config, model_dir):

@@ -4,12 +4,12 @@ import copy
 
 import pytest
 import torch
+from helpers import TINY, chunks_of, make_batch
 
 from dash_core.config import AlgoConfig, LearnerConfig
 from dash_core.learner import Learner, completion_logprobs
 from dash_core.rules import clipped_ratio, k3, optimizer_steps
 from dash_core.run import TrainingRun
-from test_learner import TINY, chunks_of, make_batch
 
 
 @pytest.fixture(scope="module")

@@ -5,8 +5,7 @@ import copy
 
 import pytest
 import torch
-from helpers import max_gap
-from mlflow.tracking import MlflowClient
+from helpers import assert_on_policy_run, max_gap
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from dash_core.config import ModelConfig, SamplerConfig, TinyModelConfig
@@ -105,9 +104,4 @@ def test_train_flow_on_the_vllm_backend(prefect_api, small_config):
     small_config.sampler.backend = "vllm"
     small_config.algo.tau = 0  # every sample reaches the learner, so every iteration measures the gap
     run_id = dash_train(config=small_config)
-    client = MlflowClient(small_config.tracking.uri)
-    assert client.get_run(run_id).info.status == "FINISHED"
-    gaps = client.get_metric_history(run_id, "logprob_gap/mean")
-    assert sorted(m.step for m in gaps) == [1, 2]
-    print(f"flow logprob_gap/mean on vllm: {[m.value for m in gaps]}")
-    assert all(m.value < 1e-3 for m in gaps)
+    assert_on_policy_run(small_config.tracking.uri, run_id, "vllm")
