@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -15,6 +16,8 @@ from dash_core.grading import grade
 from dash_core.models import load_policy
 from dash_core.prompts import encode_prompts
 from dash_core.samplers import Sampler, SamplingParams, build_sampler
+
+log = logging.getLogger(__name__)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -83,5 +86,9 @@ def evaluate_model(config: DashConfig) -> dict[str, EvalResult]:
     policy, tokenizer = load_policy(config.model, config.seed)
     sampler = build_sampler(config.sampler, policy, tokenizer, config.seed, tempfile.mkdtemp(prefix="dash-eval-"))
     sets = eval_sets(config, None if config.eval.datasets else build_task(config.task, config.seed))
+    sampling = eval_sampling(config)
+    for name, problems in sets.items():
+        log.info("evaluating %s: %d problems, greedy and %d samples each, up to %d new tokens", name, len(problems), sampling.n,
+                 sampling.max_new_tokens)  # fmt: skip
     encode = lambda problems: encode_prompts(tokenizer, problems, config.model.use_chat_template)  # noqa: E731
-    return evaluate_sets(sets, encode, sampler, eval_sampling(config), tuple(config.eval.ks))
+    return evaluate_sets(sets, encode, sampler, sampling, tuple(config.eval.ks))

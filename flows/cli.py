@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import runpy
 import sys
@@ -110,6 +111,13 @@ def _quiet_defaults() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
+def _show_dash_logs() -> None:
+    """dash_core reports its slow steps (server start-up, resume, evaluation) at INFO, which root's WARNING hides."""
+    logging.getLogger("dash_core").setLevel(logging.INFO)
+    if not logging.getLogger().handlers:  # commands that never import Prefect, whose handler prints them otherwise
+        logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s - %(message)s", datefmt="%H:%M:%S")
+
+
 def _run(args: argparse.Namespace, config: DashConfig) -> None:
     if args.command == "train":
         from flows.train import dash_train
@@ -150,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         from dash_core.model_zoo import resolve
         from dash_core.serving import serve
 
+        _show_dash_logs()
         serve(resolve(args.model), args.port, [a for a in args.vllm_args if a != "--"], host=args.host)
         return 0
     if args.command == "report":
@@ -169,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dash_core.learner import NonFiniteLossError
     from dash_core.run import EverythingFilteredError
+
+    _show_dash_logs()
 
     try:
         _run(args, config)
