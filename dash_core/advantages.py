@@ -1,7 +1,7 @@
 """Group-normalised advantages and the gradient filter.
 
 A = (r - mean_group) / (std_group + eps), std unbiased as in GRPO (or no std scaling). The gradient filter keeps
-samples with |A| >= tau: groups whose rewards are all equal have A = 0 and add nothing to the gradient, so they are
+samples with |A| >= tau: groups whose rewards are all equal have A = 0 and add nothing to the gradient sum, so they are
 dropped before any learner forward pass. tau = 0 keeps everything ("No-GF").
 """
 

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from dash_core.models import save_model
 from dash_core.store import RunStore
 
 LATEST = "checkpoints/latest.json"
@@ -52,14 +53,13 @@ def save_checkpoint(
 ) -> str:
     name = f"checkpoints/iter_{iteration:06d}"
     with tempfile.TemporaryDirectory() as tmp:
-        policy.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_model(policy, tokenizer, tmp)
         torch.save({**trainer_state, "iteration": iteration, "rng": rng_state()}, Path(tmp) / TRAINER_STATE)
         store.put_dir(tmp, name)
     store.write_json(LATEST, {"iteration": iteration, "path": name})
-    for old in sorted(store.fs.ls(store.path("checkpoints"), detail=False)):
-        if Path(old).name.startswith("iter_") and Path(old).name < f"iter_{iteration - keep + 1:06d}":
-            store.fs.rm(old, recursive=True)
+    saved = sorted(p for p in store.fs.ls(store.path("checkpoints"), detail=False) if Path(p).name.startswith("iter_"))
+    for old in saved[:-keep]:
+        store.fs.rm(old, recursive=True)
     return store.path(name)
 
 

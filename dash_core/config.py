@@ -11,6 +11,25 @@ from typing import Annotated, Any, Literal, get_args
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
+SECRET_WORDS = ("key", "secret", "token", "password", "credential")
+MASKED = "***"
+
+
+def _redact(tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: MASKED if any(w in k.lower() for w in SECRET_WORDS) else _redact(v) for k, v in tree.items()}
+    return tree
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
 
 class ConfigError(ValueError):
     """A configuration problem, worded for the person who wrote the config."""
@@ -74,9 +93,9 @@ TaskConfig = Annotated[
 
 
 class VLLMConfig(Section):
-    """The in-process vLLM engine (`sampler.backend: vllm`)."""
+    """vLLM engine settings: the in-process engine (`sampler.backend: vllm`) and the servers a run launches."""
 
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU memory fraction for weights + KV cache")
+    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU memory fraction for weights + KV cache (launched servers split it)")
     max_model_len: int | None = Field(None, gt=0, description="None: the model's own limit")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
     sleep_mode: bool = Field(False, description="GPU: free the engine's memory while the learner runs")
@@ -97,7 +116,7 @@ class SamplerConfig(Section):
     backend: Literal["transformers", "vllm", "remote"] = "transformers"
     prompts_per_iteration: int = Field(64, gt=0, description="M: prompts in one preemptive batch")
     group_size: int = Field(8, ge=2, description="G: completions per prompt")
-    batch_size: int | None = Field(None, gt=0, description="sequences per sampling call; None = all M x G at once")
+    batch_size: int | None = Field(None, gt=0, description="sequences per `generate` call (transformers backend; vLLM schedules its own); None = all M x G at once")
     max_new_tokens: int = Field(8, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -163,6 +182,17 @@ class StoreConfig(Section):
     url: str = Field("dash_runs", description="fsspec URL of the rollout store: a local folder, s3://bucket/prefix, ...")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (e.g. endpoint)")
 
+    @model_validator(mode="after")
+    def _no_masked_credentials(self) -> StoreConfig:
+        """A resumed run's config comes from the logged copy, whose credentials are masked."""
+        masked = [key for key, value in _flatten(self.storage_options).items() if value == MASKED]
+        if masked:
+            raise ValueError(
+                f"storage_options.{masked[0]} is {MASKED!r}, the mask of a logged config: give the credential again "
+                f"with --set store.storage_options.{masked[0]}=..., or leave it out and use the environment's credentials"
+            )
+        return self
+
 
 class TrackingConfig(Section):
     uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
@@ -218,25 +248,6 @@ class DashConfig(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.public(), sort_keys=False)
-
-
-SECRET_WORDS = ("key", "secret", "token", "password", "credential")
-
-
-def _redact(tree: Any) -> Any:
-    if isinstance(tree, dict):
-        return {k: "***" if any(w in k.lower() for w in SECRET_WORDS) else _redact(v) for k, v in tree.items()}
-    return tree
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:

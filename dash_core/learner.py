@@ -109,6 +109,13 @@ class Learner:
         self.reference = reference
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
 
+    def load_optimizer_state(self, state: dict) -> None:
+        """Adam's moments from a checkpoint; the learning rate and weight decay stay the config's, so a resumed run
+        can change them (a checkpoint's param groups would silently override them)."""
+        self.optimizer.load_state_dict(state)
+        for group in self.optimizer.param_groups:
+            group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
+
     def step(self, chunks: Iterable[dict[str, list]]) -> LearnStats:
         """One optimizer step over `chunks` (columns prompt_ids, completion_ids, advantage, sampler_logprobs)."""
         if self.beta > 0 and self.reference is None:

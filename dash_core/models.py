@@ -7,6 +7,7 @@ loads like any model directory and runs on every sampler backend (head dimension
 from __future__ import annotations
 
 import string
+from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
@@ -60,6 +61,13 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> str:
+    """A model directory that `load_policy`, vLLM and any HF tool can load."""
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
 
 
 def load_policy(cfg: ModelConfig, seed: int = 0, path: str | None = None) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:

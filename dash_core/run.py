@@ -13,18 +13,18 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 import torch
 
 from dash_core.advantages import gradient_filter, group_advantages
 from dash_core.checkpoint import load_latest, save_checkpoint, set_rng_state
-from dash_core.config import DashConfig
+from dash_core.config import ConfigError, DashConfig
 from dash_core.data import Problem, build_task, eval_sets
 from dash_core.evaluation import eval_sampling, evaluate, evaluate_sets
 from dash_core.grading import grade
-from dash_core.learner import Learner, LearnStats
-from dash_core.models import load_policy
+from dash_core.learner import Learner, LearnStats, NonFiniteLossError
+from dash_core.models import load_policy, save_model
 from dash_core.prompts import encode_prompts
 from dash_core.rules import optimizer_steps
 from dash_core.samplers import Generation, Sampler, SamplingParams, build_sampler
@@ -79,7 +79,8 @@ class TrainingRun:
         self.teacher: Sampler | None = None  # loaded on first use, by sft from a teacher only
         self.iteration = 0  # iterations whose update is in the weights
         self.checkpointed = 0
-        self.samples_total = 0
+        self.updating = False  # an optimizer step of the next iteration may be in the weights: not a state to save
+        self.samples_total = 0  # samples of the iterations counted in `iteration`
         self.train_seconds = 0.0  # sample + reward + learn + sync, summed over iterations (what budgets count)
         self.empty_iterations = 0
 
@@ -106,37 +107,42 @@ class TrainingRun:
         model_dir = self.save_policy(os.path.join(self.sync_dir, "initial"))
         servers = launch_servers(
             model_dir, cfg.remote.launch, cfg.remote.base_port, cfg.remote.server_args,
-            dtype=self.config.model.dtype, max_model_len=cfg.vllm.max_model_len,
+            dtype=self.config.model.dtype, max_model_len=cfg.vllm.max_model_len, enforce_eager=cfg.vllm.enforce_eager,
+            gpu_memory_utilization=cfg.vllm.gpu_memory_utilization / cfg.remote.launch,  # the servers share one GPU
         )  # fmt: skip
         self.sampler.add_servers([server.url for server in servers])
         return servers
 
     def save_policy(self, path: str) -> str:
         """The current policy as a model directory (what an inference server starts from)."""
-        self.policy.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
-        return path
+        return save_model(self.policy, self.tokenizer, path)
 
     @classmethod
     def start(cls, config: DashConfig) -> TrainingRun:
+        if config.algo.teacher and config.algo.teacher.startswith("sweep:"):
+            raise ConfigError(
+                f"algo.teacher {config.algo.teacher!r} names a preset of the running sweep, which only `dashrl sweep` "
+                "resolves; outside a sweep set algo.teacher to a model directory or hub id"
+            )
         tracker = Tracker.create(config)
-        store = RunStore(config.store.url, tracker.run_id, config.store.storage_options)
-        store.write_bytes("config.yaml", config.to_yaml().encode())
-        return cls(config, tracker, store)
+        with tracker.failing():
+            store = RunStore(config.store.url, tracker.run_id, config.store.storage_options)
+            store.write_bytes("config.yaml", config.to_yaml().encode())
+            return cls(config, tracker, store)
 
     @classmethod
     def resume(cls, config: DashConfig, run_id: str) -> TrainingRun:
         """Continue `run_id` from its latest checkpoint (or from the start if it has none)."""
         tracker = Tracker.reopen(config.tracking, run_id)
         store = RunStore(config.store.url, run_id, config.store.storage_options)
-        with tempfile.TemporaryDirectory() as tmp:
+        with tempfile.TemporaryDirectory() as tmp, tracker.failing():
             checkpoint = load_latest(store, tmp)
             if checkpoint is None:
                 log.warning("run %s has no checkpoint yet: starting it from the beginning", run_id)
                 return cls(config, tracker, store)
             run = cls(config, tracker, store, checkpoint_dir=str(checkpoint.model_dir))
         state = checkpoint.trainer_state
-        run.learner.optimizer.load_state_dict(state["optimizer"])
+        run.learner.load_optimizer_state(state["optimizer"])
         set_rng_state(state["rng"])
         run.iteration = run.checkpointed = checkpoint.iteration
         run.samples_total = state["samples_total"]
@@ -167,18 +173,17 @@ class TrainingRun:
                 self.policy, self.tokenizer, batches, cfg.warmup.lr, cfg.model.use_chat_template, done=self._warm_enough
             )
             with tempfile.TemporaryDirectory() as tmp:
-                self.policy.save_pretrained(tmp)
-                self.tokenizer.save_pretrained(tmp)
-                cache.put_dir(tmp, "model")
+                cache.put_dir(self.save_policy(tmp), "model")
             cache.write_json("done.json", {"losses": losses})
         self.sync()
         return {"warmup/loss": losses[-1], "warmup/steps": len(losses), "time/warmup_s": time.perf_counter() - start}
 
     def _warmup_cache(self) -> RunStore:
         cfg = self.config
-        key = hashlib.sha256(
-            json.dumps([cfg.model.model_dump(), cfg.task.model_dump(), cfg.warmup.model_dump(), cfg.seed]).encode()
-        ).hexdigest()[:16]
+        depends_on = [cfg.model.model_dump(), cfg.task.model_dump(), cfg.warmup.model_dump(), cfg.seed]
+        if cfg.warmup.target_accuracy is not None:  # the check that ends it samples
+            depends_on.append(asdict(self.sampling(1)))
+        key = hashlib.sha256(json.dumps(depends_on).encode()).hexdigest()[:16]
         return RunStore(cfg.store.url, f"warmup/{key}", cfg.store.storage_options)
 
     def _load_warmup(self, model: torch.nn.Module) -> None:
@@ -199,6 +204,7 @@ class TrainingRun:
         if target is None or step % every:
             return False
         problems = self.task.train_problems(0, 256, stream="warmup-check")
+        self.sync()  # vLLM engines and servers hold their own copy of the weights
         result = evaluate("warmup", problems, self.encode(problems), self.sampler, self.sampling(1))
         return result.metrics["eval/warmup/sampled_accuracy"] >= target
 
@@ -269,7 +275,6 @@ class TrainingRun:
             "kept": kept.tolist(),
         }
         manifest = self.store.write_batch(rollouts.iteration, columns)
-        self.samples_total += len(gens)
         return manifest, {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(gens) > 1 else 0.0,
@@ -277,7 +282,7 @@ class TrainingRun:
             "train/abs_adv_mean": advantages.abs().mean().item(),
             "train/abs_adv_kept_mean": advantages[kept].abs().mean().item() if kept.any() else 0.0,
             "gen/length_mean": sum(len(g.token_ids) for g in gens) / len(gens),
-            "samples/total": self.samples_total,
+            "samples/total": self.samples_total + len(gens),
         } | ({"sampler/servers": len(self.sampler.servers)} if hasattr(self.sampler, "servers") else {})
 
     def learn(self, manifest: BatchManifest) -> dict[str, float]:
@@ -287,17 +292,21 @@ class TrainingRun:
             if self.empty_iterations >= self.config.algo.max_empty_iterations:
                 raise EverythingFilteredError(_nothing_left(self.empty_iterations, manifest.reward_mean))
             log.warning("iteration %d: every group had equal rewards; nothing to learn from", manifest.iteration)
-            self.iteration = manifest.iteration
+            self._commit(manifest)
             return {"train/loss": 0.0, "train/grad_norm": 0.0}
         self.empty_iterations = 0
         algo, size = self.config.algo, self.config.learner.micro_batch_size
         if algo.beta > 0 and self.learner.reference is None:
             self.learner.reference = self._reference()
-        steps = [
-            self.learner.step(self.store.kept_chunks(manifest, size, LEARNER_COLUMNS, rows))
-            for rows in optimizer_steps(algo.rule, manifest.kept, algo.ppo_steps)
-        ]
-        self.iteration = manifest.iteration
+        steps: list[LearnStats] = []
+        self.updating = True
+        for rows in optimizer_steps(algo.rule, manifest.kept, algo.ppo_steps):
+            try:
+                steps.append(self.learner.step(self.store.kept_chunks(manifest, size, LEARNER_COLUMNS, rows)))
+            except NonFiniteLossError:
+                self.updating = bool(steps)  # the guard takes no step: without earlier steps the weights are clean
+                raise
+        self._commit(manifest)
         metrics = LearnStats.combine(steps).metrics()
         irrelevant = {"train/kl"} if algo.beta == 0 else set()
         if algo.rule in ("pg", "sft"):
@@ -305,6 +314,12 @@ class TrainingRun:
         if algo.rule == "sft":  # traces were not sampled from the policy: there is no on-policy gap to check
             irrelevant |= {"logprob_gap/mean", "logprob_gap/max"}
         return {k: v for k, v in metrics.items() if k not in irrelevant}
+
+    def _commit(self, manifest: BatchManifest) -> None:
+        """The iteration's update is complete: it and its samples count, and the run is a state worth saving."""
+        self.iteration = manifest.iteration
+        self.samples_total += manifest.rows
+        self.updating = False
 
     def sync(self) -> None:
         self.sampler.load_weights(self.policy)

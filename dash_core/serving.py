@@ -43,6 +43,7 @@ class VLLMServer:
         dtype: str = "auto",
         max_model_len: int | None = None,
         enforce_eager: bool | None = None,
+        gpu_memory_utilization: float | None = None,
         extra_args: Sequence[str] = (),
         log_path: str | None = None,
     ):
@@ -50,14 +51,16 @@ class VLLMServer:
         self.host = host
         self.port = port
         self.log_path = log_path
-        eager = not torch.cuda.is_available() if enforce_eager is None else enforce_eager  # CPU has no CUDA graphs
+        gpu = torch.cuda.is_available()
+        eager = not gpu if enforce_eager is None else enforce_eager  # CPU has no CUDA graphs
         self.command = [
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", model_dir, "--host", host, "--port", str(port), "--dtype", dtype,
             "--logprobs-mode", "raw_logprobs",  # temperature-1 logprobs, as the learner recomputes them
             *(["--max-model-len", str(max_model_len)] if max_model_len else []),
             *(["--enforce-eager"] if eager else []),
-            *extra_args,
+            *(["--gpu-memory-utilization", str(gpu_memory_utilization)] if gpu and gpu_memory_utilization else []),
+            *extra_args,  # last, so they win
         ]  # fmt: skip
         self.process: subprocess.Popen | None = None
         self._log: IO[bytes] | None = None
@@ -141,19 +144,23 @@ def launch_servers(
     *,
     dtype: str = "auto",
     max_model_len: int | None = None,
+    enforce_eager: bool | None = None,
+    gpu_memory_utilization: float | None = None,
     log_dir: str | None = None,
     timeout_s: float = 600,
 ) -> list[VLLMServer]:
     """Start `count` loopback servers on free ports from `base_port`, then wait for all (they start in parallel).
 
-    Logs go to `log_dir` (default: beside `model_dir`). If any fails, all are stopped and the error is raised.
+    `gpu_memory_utilization` is each server's share. Logs go to `log_dir` (default: beside `model_dir`). If any
+    fails, all are stopped and the error is raised.
     """
     logs = Path(log_dir or Path(model_dir).resolve().parent)
     ports: list[int] = []
     for _ in range(count):
         ports.append(free_port(ports[-1] + 1 if ports else base_port))
     servers = [
-        VLLMServer(model_dir, port, dtype=dtype, max_model_len=max_model_len, extra_args=extra_args,
+        VLLMServer(model_dir, port, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
+                   gpu_memory_utilization=gpu_memory_utilization, extra_args=extra_args,
                    log_path=str(logs / f"vllm-server-{port}.log"))
         for port in ports
     ]

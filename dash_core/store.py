@@ -77,10 +77,6 @@ class RunStore:
         for remote in self.fs.ls(self.path(relpath), detail=False):
             self.fs.get_file(remote, str(Path(local) / posixpath.basename(remote)))
 
-    def remove(self, relpath: str) -> None:
-        if self.exists(relpath):
-            self.fs.rm(self.path(relpath), recursive=True)
-
     # -- rollout batches ---------------------------------------------------------------------------------------
     def write_batch(self, iteration: int, columns: dict[str, list]) -> BatchManifest:
         """`columns` must hold a boolean `kept` and a numeric `reward` column; kept rows are written first."""
@@ -109,7 +105,7 @@ class RunStore:
         self, manifest: BatchManifest, size: int, columns: list[str] | None = None, rows: range | None = None
     ) -> Iterator[dict[str, list]]:
         """Kept samples of a batch (all, or the kept rows numbered `rows`), `size` at a time, as the learner asks."""
-        rows = rows or range(manifest.kept)
+        rows = range(manifest.kept) if rows is None else rows
         start, stop = rows.start, min(rows.stop, manifest.kept)
         offset = 0
         with self.fs.open(self.path(manifest.path), "rb") as f:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import httpx
 from mlflow.entities import Metric, Param, RunStatus
@@ -70,6 +72,15 @@ class Tracker:
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    @contextmanager
+    def failing(self) -> Iterator[None]:
+        """An error in the block ends the run as FAILED (KILLED on Ctrl-C) instead of leaving it RUNNING."""
+        try:
+            yield
+        except BaseException as exc:
+            self.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
 
 
 def check_reachable(uri: str) -> None:

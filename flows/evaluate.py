@@ -22,11 +22,8 @@ def evaluate_model_task(config: DashConfig) -> dict[str, EvalResult]:
 def dash_eval(config: DashConfig, out_dir: str = "eval_results") -> dict[str, float]:
     """Metrics of every set; per-problem JSONL under `out_dir/<run id>/` and in the MLflow run."""
     tracker = Tracker.create(config, tags={"dash.kind": "eval", "dash.model": config.model.name})
-    try:
+    with tracker.failing():
         results = evaluate_model_task(config)
-    except BaseException:
-        tracker.finish("FAILED")
-        raise
     folder = Path(out_dir) / tracker.run_id
     folder.mkdir(parents=True, exist_ok=True)
     metrics: dict[str, float] = {}

@@ -10,9 +10,8 @@ from rich.table import Table
 
 
 class TrainingProgress:
-    def __init__(self, total: int, done: int, eval_name: str, console: Console | None = None):
+    def __init__(self, total: int, done: int, console: Console | None = None):
         self.console = console or Console()
-        self.eval_name = eval_name
         self.started = time.perf_counter()
         self.evals: list[tuple[int, dict[str, float]]] = []
         self.progress = Progress(
@@ -45,8 +44,7 @@ class TrainingProgress:
 
     def evaluation(self, iteration: int, metrics: dict[str, float]) -> None:
         self.evals.append((iteration, metrics))
-        prefix = f"eval/{self.eval_name}/"
-        shown = "  ".join(f"{k.removeprefix(prefix)} {v:.3f}" for k, v in metrics.items() if k.startswith(prefix))
+        shown = "  ".join(f"{k.removeprefix('eval/')} {v:.3f}" for k, v in metrics.items())
         self.console.print(f"[cyan]eval @ iter {iteration}[/]  {shown}")
 
     def summary(self, run_id: str, samples: int) -> None:

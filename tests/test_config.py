@@ -1,4 +1,5 @@
 import pytest
+import yaml
 
 from dash_core.config import ConfigError, DashConfig, load_config
 
@@ -73,3 +74,10 @@ def test_credentials_are_masked_where_the_config_is_logged():
     public = config.public()["store"]["storage_options"]
     assert public == {"key": "***", "secret": "***", "client_kwargs": {"endpoint_url": "http://x"}}
     assert "s3cr3t" not in config.to_yaml() and "s3cr3t" not in str(config.flat())
+
+
+def test_a_masked_credential_from_a_logged_config_asks_for_the_real_one():
+    logged = yaml.safe_load(load_config(overrides=["store.storage_options={secret: s3cr3t}"]).to_yaml())
+    with pytest.raises(ConfigError, match=r"storage_options.secret is '\*\*\*'.*--set store.storage_options.secret="):
+        load_config(base=logged)
+    assert load_config(overrides=["store.storage_options.secret=s3cr3t"], base=logged).store.storage_options["secret"] == "s3cr3t"

@@ -1,7 +1,12 @@
-"""Rollout store round trips on a local folder and on a real S3 API (moto's server on loopback)."""
+"""Rollout store and checkpoint round trips on a local folder and on a real S3 API (moto's server on loopback)."""
+
+from pathlib import Path
 
 import pytest
+from helpers import TINY
 
+from dash_core.checkpoint import save_checkpoint
+from dash_core.models import load_policy
 from dash_core.store import RunStore
 
 
@@ -57,8 +62,6 @@ def test_files_and_folders(store, tmp_path):
     out.mkdir()
     store.get_dir("ckpt/one", out)
     assert (out / "w.bin").read_bytes() == b"\x00\x01" * 1000 and (out / "config.json").read_text() == "{}"
-    store.remove("ckpt")
-    assert not store.exists("ckpt/one/w.bin")
 
 
 def test_unwritable_store_is_explained(tmp_path):
@@ -66,3 +69,11 @@ def test_unwritable_store_is_explained(tmp_path):
     blocker.write_text("not a folder")
     with pytest.raises(OSError, match="not writable.*Check store.url"):
         RunStore(str(blocker), "run")
+
+
+def test_checkpoint_keep_counts_checkpoints_not_iterations(store):
+    policy, tokenizer = load_policy(TINY)
+    for iteration in (10, 20, 30):
+        save_checkpoint(store, iteration, policy, tokenizer, {}, keep=2)
+    kept = sorted(Path(p).name for p in store.fs.ls(store.path("checkpoints"), detail=False))
+    assert kept == ["iter_000020", "iter_000030", "latest.json"]

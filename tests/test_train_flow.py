@@ -3,7 +3,8 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dash_core.run import EverythingFilteredError
+from dash_core.learner import Learner, NonFiniteLossError
+from dash_core.run import EverythingFilteredError, TrainingRun
 from dash_core.store import RunStore
 from flows.cli import main
 from flows.train import dash_train
@@ -76,6 +77,44 @@ def test_a_crashed_run_checkpoints_what_it_learned_and_resumes(prefect_api, smal
     resumed = ["--set", "algo.max_empty_iterations=50", "--set", "iterations=4"]
     assert main(["train", "--resume", run.info.run_id, *resumed, *cli_args(config)]) == 0
     assert steps(client, run.info.run_id, "reward/mean") == [1, 2, 3, 4]
+
+
+@pytest.mark.parametrize(("failing_step", "saved"), [(3, 1), (4, None)])
+def test_a_failure_mid_update_never_checkpoints_a_half_step(prefect_api, small_config, monkeypatch, failing_step, saved):
+    # ppo_multi takes 2 optimizer steps per iteration; iteration 2's steps are calls 3 and 4 of Learner.step.
+    # Failing at call 3 leaves iteration 1's clean weights (saved); at call 4 a step of iteration 2 is already in them.
+    config = small_config.model_copy(deep=True)
+    config.iterations, config.checkpoint.every = 3, 100
+    config.algo.rule, config.algo.ppo_steps, config.algo.tau = "ppo_multi", 2, 0.0
+    calls = []
+    real_step = Learner.step
+
+    def step(learner, chunks):
+        calls.append(1)
+        if len(calls) == failing_step:
+            raise NonFiniteLossError("injected non-finite loss")
+        return real_step(learner, chunks)
+
+    monkeypatch.setattr(Learner, "step", step)
+    with pytest.raises(NonFiniteLossError):
+        dash_train(config=config)
+    client = MlflowClient(config.tracking.uri)
+    (run,) = client.search_runs([client.get_experiment_by_name("test").experiment_id])
+    assert run.info.status == "FAILED"
+    store = RunStore(config.store.url, run.info.run_id)
+    latest = store.read_json("checkpoints/latest.json")["iteration"] if store.exists("checkpoints/latest.json") else None
+    assert latest == saved
+    assert steps(client, run.info.run_id, "samples/total") == [1]
+
+
+def test_resume_takes_the_configs_learning_rate(prefect_api, small_config):
+    run_id = dash_train(config=small_config)
+    config = small_config.model_copy(deep=True)
+    config.learner.lr = 1e-7
+    run = TrainingRun.resume(config, run_id)
+    run.tracker.finish()
+    assert {group["lr"] for group in run.learner.optimizer.param_groups} == {1e-7}
+    assert run.samples_total == 2 * 4 * 4 and run.iteration == 2
 
 
 def test_cli_rejects_bad_config_before_any_work(capsys, tmp_path):

@@ -35,8 +35,11 @@ def build_task(cfg: TaskConfig, seed: int) -> Task:
 
 
 def eval_sets(config: DashConfig, task: Task | None) -> dict[str, list[Problem]]:
-    """Held-out sets by name: the task's own (generated tasks) and every set in eval.datasets."""
+    """Held-out sets by name: the task's own (generated tasks) and every set in eval.datasets.
+
+    The training set named again without a split is evaluated on its test split, never on what it trains on."""
     sets = {task.name: task.heldout_problems(config.eval.size)} if isinstance(task, ArithmeticTask) else {}
     for d in config.eval.datasets:
-        sets[d.name] = load_problems(d.name, d.path, d.split, d.size, config.seed, d.prompt_template)
+        split = d.split or ("test" if task is not None and d.name == task.name else None)
+        sets[d.name] = load_problems(d.name, d.path, split, d.size, config.seed, d.prompt_template)
     return sets

