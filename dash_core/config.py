@@ -236,6 +236,14 @@ class DashConfig(Section):
             raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")
         return self
 
+    def require_standalone(self) -> None:
+        """Fail before any work when the config names something only a sweep provides."""
+        if self.algo.teacher and self.algo.teacher.startswith("sweep:"):
+            raise ConfigError(
+                f"algo.teacher {self.algo.teacher!r} names a preset of the running sweep, which only `dashrl sweep` "
+                "resolves; outside a sweep set algo.teacher to a model directory or hub id"
+            )
+
     def public(self) -> dict[str, Any]:
         """The config as logged and stored: credentials in store.storage_options are masked."""
         data = self.model_dump(mode="json")

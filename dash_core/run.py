@@ -19,7 +19,7 @@ import torch
 
 from dash_core.advantages import gradient_filter, group_advantages
 from dash_core.checkpoint import load_latest, save_checkpoint, set_rng_state
-from dash_core.config import ConfigError, DashConfig
+from dash_core.config import DashConfig
 from dash_core.data import Problem, build_task, eval_sets
 from dash_core.evaluation import eval_sampling, evaluate, evaluate_sets
 from dash_core.grading import grade
@@ -119,11 +119,7 @@ class TrainingRun:
 
     @classmethod
     def start(cls, config: DashConfig) -> TrainingRun:
-        if config.algo.teacher and config.algo.teacher.startswith("sweep:"):
-            raise ConfigError(
-                f"algo.teacher {config.algo.teacher!r} names a preset of the running sweep, which only `dashrl sweep` "
-                "resolves; outside a sweep set algo.teacher to a model directory or hub id"
-            )
+        config.require_standalone()
         tracker = Tracker.create(config)
         with tracker.failing():
             store = RunStore(config.store.url, tracker.run_id, config.store.storage_options)

@@ -100,6 +100,8 @@ def resolve_config(args: argparse.Namespace) -> DashConfig:
 
         base = yaml.safe_load(run_config(config.tracking, args.resume))
         config = load_config(args.config, overrides, base=base)
+    if args.command == "train":
+        config.require_standalone()
     return config
 
 

@@ -1,5 +1,7 @@
 """The dash-train flow end to end: real Prefect (ephemeral test server), real MLflow (sqlite), real store."""
 
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -124,6 +126,9 @@ def test_cli_rejects_bad_config_before_any_work(capsys, tmp_path):
     bad.write_text("sampler: [\n")
     assert main(["train", "--config", str(bad)]) == 2
     assert "is not valid YAML" in capsys.readouterr().err
+    sft_m = Path(__file__).parents[1] / "configs" / "sft_m.yaml"  # its teacher only exists inside a sweep
+    assert main(["train", "--config", str(sft_m)]) == 2
+    assert "outside a sweep set algo.teacher" in capsys.readouterr().err
 
 
 def test_unknown_run_id_is_explained(capsys, tmp_path):
@@ -143,8 +148,6 @@ def test_rollouts_and_checkpoints_can_live_in_s3(prefect_api, small_config, s3_o
 
 
 def test_periodic_evaluation_covers_out_of_distribution_sets(prefect_api, small_config):
-    from pathlib import Path
-
     config = small_config.model_copy(deep=True)
     config.iterations = 1
     config.eval.datasets = [{"name": "gsm8k", "path": str(Path(__file__).parent / "data" / "gsm8k_train.jsonl"), "size": 3}]
