@@ -75,12 +75,14 @@ def test_non_finite_loss_stops_without_touching_weights(policy_and_tokenizer):
     assert all(torch.equal(a, b) for a, b in zip(before, learner.policy.parameters()))
 
 
-def test_sampler_logprobs_match_the_learner_recomputation(policy_and_tokenizer):
+@pytest.mark.parametrize("shaping", [{}, {"temperature": 0.7, "top_k": 5, "top_p": 0.9}])
+def test_sampler_logprobs_match_the_learner_recomputation(policy_and_tokenizer, shaping):
+    # Logprobs are of the raw distribution even when temperature / top-k / top-p shape the sampling.
     policy, tokenizer = policy_and_tokenizer
     sampler = TransformersSampler(policy, tokenizer, batch_size=6)
     prompts = [tokenizer(text)["input_ids"] for text in ["1+2=", "33+44=", "5-5="]]
     torch.manual_seed(0)
-    gens = sampler.generate(prompts, SamplingParams(n=4, max_new_tokens=6))
+    gens = sampler.generate(prompts, SamplingParams(n=4, max_new_tokens=6, **shaping))
     assert len(gens) == 12 and all(g.finish_reason in ("stop", "length") for g in gens)
     assert all(len(g.token_ids) == len(g.logprobs) for g in gens)
     prompt_ids = [p for p in prompts for _ in range(4)]

@@ -3,9 +3,32 @@
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.samplers.base import Generation, SamplingParams
+
+
+class SampledLogprobs(LogitsProcessor):
+    """Log-probabilities of the sampled tokens under the raw (temperature-1, untruncated) distribution, one step at a
+    time: `output_logits` would keep every step's full-vocabulary logits (batch x steps x vocab floats, many GiB for
+    a real vocabulary). Custom processors run before generate's temperature/top-k/top-p warpers, so `scores` are raw.
+    Each call sees the token the previous step sampled; `finish` adds the last one."""
+
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.values: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.previous is not None:
+            self.values.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
+        self.previous = scores.float().log_softmax(-1)
+        return scores
+
+    def finish(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Per-token log-probabilities of `tokens` (batch x steps), the completions generate returned."""
+        if self.previous is not None:
+            self.values.append(self.previous.gather(-1, tokens[:, -1:]).squeeze(-1))
+        return torch.stack(self.values, dim=1) if self.values else tokens.new_zeros(tokens.shape, dtype=torch.float32)
 
 
 class TransformersSampler:
@@ -36,14 +59,16 @@ class TransformersSampler:
         device = self.policy.device
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        out = self.policy.generate(
+        recorder = SampledLogprobs()
+        sequences = self.policy.generate(
             input_ids=input_ids,
             attention_mask=attention_mask,
             generation_config=self._generation_config(params),
+            logits_processor=[recorder],
             tokenizer=self.tokenizer if params.stop else None,
         )
-        tokens = out.sequences[:, width:]
-        logprobs = torch.stack(out.logits, dim=1).float().log_softmax(-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        tokens = sequences[:, width:]
+        logprobs = recorder.finish(tokens)
         generations = []
         for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
             end = row.index(eos) + 1 if eos in row else len(row)
@@ -69,6 +94,4 @@ class TransformersSampler:
             stop_strings=list(params.stop) or None,
             pad_token_id=self.tokenizer.pad_token_id,
             eos_token_id=self.tokenizer.eos_token_id,
-            output_logits=True,
-            return_dict_in_generate=True,
         )
