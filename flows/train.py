@@ -105,9 +105,12 @@ def _save_what_is_learned(run: TrainingRun, unlogged: dict[str, float]) -> None:
         log.warning("the failure came mid-update: resume starts after iteration %d, the last checkpoint", run.checkpointed)
         return
     try:
-        if unlogged:
-            run.log(unlogged, run.iteration)
         if run.iteration > run.checkpointed:
             run.checkpoint()
     except Exception:
         log.exception("could not save a checkpoint after the failure; resume starts after iteration %d", run.checkpointed)
+    try:
+        if unlogged:
+            run.log(unlogged, run.iteration)
+    except Exception:
+        log.exception("could not log the metrics of iteration %d after the failure", run.iteration)
