@@ -106,8 +106,14 @@ def resolve_config(args: argparse.Namespace) -> DashConfig:
 
 
 def _quiet_defaults() -> None:
-    """Per-task INFO lines would bury the progress display; users can still set these themselves."""
+    """Defaults for a terminal run; users can still set every one of these themselves.
+
+    Per-task INFO lines would bury the progress display. The ephemeral Prefect server's telemetry heartbeat races
+    its first database migration (a `database is locked` traceback on a fresh PREFECT_HOME), and its 20 s start-up
+    limit is too short on a busy 2-core machine."""
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
