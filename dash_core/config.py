@@ -202,7 +202,10 @@ class TrackingConfig(Section):
 
 
 class CheckpointConfig(Section):
-    every: int = Field(1, gt=0, description="checkpoint every N iterations")
+    """Checkpoints are written in the background, so frequent ones cost the loop only a copy of the state in memory."""
+
+    every: int | None = Field(1, gt=0, description="checkpoint every N iterations; None: by time only")
+    every_minutes: float | None = Field(None, gt=0, description="checkpoint once this much wall-clock passed since the last")
     keep: int = Field(2, gt=0, description="checkpoints kept in the store (older ones are deleted)")
 
 

@@ -63,9 +63,12 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path) -> str:
-    """A model directory that `load_policy`, vLLM and any HF tool can load."""
-    model.save_pretrained(path)
+def save_model(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, path: str | Path, state_dict: dict | None = None
+) -> str:
+    """A model directory that `load_policy`, vLLM and any HF tool can load; `state_dict` replaces the model's own
+    weights (a snapshot taken earlier)."""
+    model.save_pretrained(path, state_dict=state_dict)
     tokenizer.save_pretrained(path)
     return str(path)
 

@@ -13,12 +13,13 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
 from dash_core.advantages import gradient_filter, group_advantages
-from dash_core.checkpoint import load_latest, save_checkpoint, set_rng_state
+from dash_core.checkpoint import Checkpointer, load_latest, set_rng_state
 from dash_core.config import DashConfig
 from dash_core.data import Problem, build_task, eval_sets
 from dash_core.evaluation import eval_sampling, evaluate, evaluate_sets
@@ -30,6 +31,7 @@ from dash_core.rules import optimizer_steps
 from dash_core.samplers import Generation, Sampler, SamplingParams, build_sampler
 from dash_core.sft import solution_ids, train_supervised
 from dash_core.store import BatchManifest, RunStore
+from dash_core.timing import timed
 from dash_core.tracking import Tracker
 
 log = logging.getLogger(__name__)
@@ -77,16 +79,25 @@ class TrainingRun:
         self.sampler = build_sampler(config.sampler, self.policy, self.tokenizer, config.seed, self.sync_dir)
         self.learner = Learner(self.policy, config.learner, config.algo, self.tokenizer.pad_token_id)
         self.teacher: Sampler | None = None  # loaded on first use, by sft from a teacher only
+        self.checkpointer = Checkpointer(store, self.tokenizer, config.checkpoint.keep)
+        self.checkpoint_clock = time.monotonic()  # when the last checkpoint was taken (checkpoint.every_minutes)
         self.iteration = 0  # iterations whose update is in the weights
-        self.checkpointed = 0
         self.updating = False  # an optimizer step of the next iteration may be in the weights: not a state to save
         self.samples_total = 0  # samples of the iterations counted in `iteration`
-        self.train_seconds = 0.0  # sample + reward + learn + sync, summed over iterations (what budgets count)
+        self.train_seconds = 0.0  # whole iterations (sample .. checkpoint), summed: what budgets count
         self.empty_iterations = 0
+        self.metrics: dict[str, float] = {}  # the iteration in progress (or last done), filled phase by phase
+        self.logged_step = -1  # the newest step with metrics in MLflow
+        self.cycle_start: float | None = None  # when the training loop's clock last started (see `step`)
 
     @property
     def run_id(self) -> str:
         return self.tracker.run_id
+
+    @property
+    def checkpointed(self) -> int:
+        """The newest iteration with a complete checkpoint in the store."""
+        return self.checkpointer.saved
 
     def _sync_dir(self) -> str:
         """A local folder for weight files that samplers (and local inference servers) read."""
@@ -140,7 +151,7 @@ class TrainingRun:
         state = checkpoint.trainer_state
         run.learner.load_optimizer_state(state["optimizer"])
         set_rng_state(state["rng"])
-        run.iteration = run.checkpointed = checkpoint.iteration
+        run.iteration = run.checkpointer.saved = run.checkpointer.requested = checkpoint.iteration
         run.samples_total = state["samples_total"]
         run.train_seconds = state["train_seconds"]
         run.empty_iterations = state["empty_iterations"]
@@ -153,6 +164,42 @@ class TrainingRun:
             (cfg.budget_minutes and self.train_seconds >= 60 * cfg.budget_minutes)
             or (cfg.budget_samples and self.samples_total >= cfg.budget_samples)
         )
+
+    def train(self, until: int, on_iteration: Callable[[int, dict[str, float]], None] = lambda *_: None) -> None:
+        """Iterations up to `until`, or until a budget is spent; each is logged to MLflow as it ends."""
+        while self.iteration < until and not self.budget_spent():
+            iteration = self.iteration + 1
+            metrics = self.step(iteration)
+            self.log(metrics, iteration)
+            on_iteration(iteration, metrics)
+
+    def step(self, iteration: int) -> dict[str, float]:
+        """One DASH iteration: sample the preemptive batch -> reward, group advantages and the gradient filter (the
+        batch goes to the rollout store) -> learn from the kept samples -> sync the samplers -> checkpoint when due.
+
+        Every phase is timed as `time/<phase>_s`. `time/iteration_s` is the iteration's whole wall-clock on the
+        loop, from the end of the previous one (or of an evaluation): its phases plus whatever the orchestration and
+        logging around them cost. Budgets count it."""
+        cycle_start = self.cycle_start or time.perf_counter()
+        self.metrics = metrics = {}
+        with timed(metrics, "time/sample_s"):
+            rollouts = self.sample(iteration)
+        with timed(metrics, "time/reward_s"):
+            manifest, scores = self.score(rollouts)
+        metrics |= scores
+        with timed(metrics, "time/learn_s"):
+            metrics |= self.learn(manifest)
+        with timed(metrics, "time/sync_s"):
+            self.sync()
+        self.train_seconds += time.perf_counter() - cycle_start  # before the snapshot, which holds it
+        with timed(metrics, "time/checkpoint_s"):
+            if self.checkpoint_due():
+                self.checkpoint()
+        self.train_seconds += metrics["time/checkpoint_s"]
+        self.cycle_start = time.perf_counter()
+        metrics["time/iteration_s"] = self.cycle_start - cycle_start
+        metrics["time/train_s"] = self.train_seconds
+        return metrics
 
     # -- phases ------------------------------------------------------------------------------------------------
     def warm_up(self) -> dict[str, float]:
@@ -329,18 +376,33 @@ class TrainingRun:
             metrics |= result.metrics
             if cfg.log_samples:
                 self.tracker.log_jsonl(result.rows[: cfg.log_samples], f"samples/{name}/eval_iter_{iteration:06d}.jsonl")
+        self.cycle_start = time.perf_counter()  # evaluation is not training time
         return metrics
 
-    def checkpoint(self) -> str:
+    def checkpoint_due(self) -> bool:
+        cfg = self.config.checkpoint
+        by_count = cfg.every and self.iteration % cfg.every == 0
+        by_time = cfg.every_minutes and time.monotonic() - self.checkpoint_clock >= 60 * cfg.every_minutes
+        return bool(by_count or by_time)
+
+    def checkpoint(self) -> None:
+        """Snapshot the current iteration (once), to be written in the background."""
+        if self.iteration == self.checkpointer.requested:
+            return
         state = {
             "optimizer": self.learner.optimizer.state_dict(),
             "samples_total": self.samples_total,
             "train_seconds": self.train_seconds,
             "empty_iterations": self.empty_iterations,
         }
-        path = save_checkpoint(self.store, self.iteration, self.policy, self.tokenizer, state, self.config.checkpoint.keep)
-        self.checkpointed = self.iteration
-        return path
+        self.checkpointer.save(self.iteration, self.policy, state)
+        self.checkpoint_clock = time.monotonic()
+
+    def save(self) -> None:
+        """Checkpoint the current iteration and wait until it is in the store."""
+        self.checkpoint()
+        self.checkpointer.wait()
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.tracker.log_metrics(metrics, step)
+        self.logged_step = step

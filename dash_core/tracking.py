@@ -1,12 +1,15 @@
 """MLflow tracking: params once (the resolved config), metrics per iteration, artifacts (config, samples).
 
 Uses `MlflowClient` with an explicit run id rather than the fluent API's active run, so logging from any thread
-(Prefect tasks) lands in the right run.
+(Prefect tasks) lands in the right run. Per-iteration metrics go through MLflow's asynchronous logging, so a
+database or server round trip never sits on the training loop's path; `flush` waits for them (and raises what
+failed), and runs at every artifact, evaluation and at the end.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,9 +18,11 @@ import httpx
 from mlflow.entities import Metric, Param, RunStatus
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from mlflow.utils.async_logging.run_operations import RunOperations
 
 from dash_core.config import ConfigError, DashConfig, TrackingConfig
 
+log = logging.getLogger(__name__)
 CONFIG_ARTIFACT = "config.yaml"
 
 
@@ -25,6 +30,7 @@ class Tracker:
     def __init__(self, cfg: TrackingConfig, run_id: str):
         self.client = MlflowClient(tracking_uri=cfg.uri)
         self.run_id = run_id
+        self._in_flight: list[RunOperations] = []
 
     @classmethod
     def create(cls, config: DashConfig, tags: dict[str, str] | None = None) -> Tracker:
@@ -62,16 +68,27 @@ class Tracker:
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        metrics = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        self._in_flight.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
+
+    def flush(self) -> None:
+        """Wait until every metric logged so far is stored."""
+        in_flight, self._in_flight = self._in_flight, []
+        for operations in in_flight:
+            operations.wait()
 
     def log_text(self, text: str, path: str) -> None:
+        self.flush()
         self.client.log_text(self.run_id, text, path)
 
     def log_jsonl(self, rows: list[dict], path: str) -> None:
         self.log_text("".join(json.dumps(row) + "\n" for row in rows), path)
 
     def finish(self, status: str = "FINISHED") -> None:
-        self.client.set_terminated(self.run_id, status=status)
+        try:
+            self.flush()
+        finally:
+            self.client.set_terminated(self.run_id, status=status)
 
     @contextmanager
     def failing(self) -> Iterator[None]:
@@ -79,7 +96,10 @@ class Tracker:
         try:
             yield
         except BaseException as exc:
-            self.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            try:
+                self.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            except Exception:  # the original error is the one to report
+                log.exception("could not mark MLflow run %s as ended", self.run_id)
             raise
 
 

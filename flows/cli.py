@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("vllm_args", nargs=argparse.REMAINDER, help="after --: extra `vllm serve` arguments")
 
     bench = commands.add_parser("bench", help="run a benchmark from bench/ (prints a table)")
-    bench.add_argument("name", choices=sorted(p.stem for p in BENCH_DIR.glob("*.py")))
+    bench.add_argument("name", choices=sorted(p.stem for p in BENCH_DIR.glob("[!_]*.py")))
     bench.add_argument("bench_args", nargs=argparse.REMAINDER, help="the benchmark's own options (see --help)")
 
     models = commands.add_parser("models", help="models that install without the hub")

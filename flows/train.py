@@ -1,38 +1,21 @@
-"""The `dash-train` flow: warm-up, then per iteration sample -> reward+filter -> learn -> sync, with periodic
-evaluation and checkpoints. Every phase is a Prefect task and every phase is timed; all metrics go to MLflow.
+"""The `dash-train` flow: warm-up, then blocks of iterations (each sample -> reward + filter -> learn -> sync ->
+checkpoint, see `TrainingRun.step`) with an evaluation after each block. Every phase is timed; all metrics go to
+MLflow.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from contextlib import contextmanager
 
 from prefect import flow
 
 from dash_core.config import DashConfig
 from dash_core.run import TrainingRun
+from dash_core.timing import steady_heap
 from flows.progress import TrainingProgress
-from tasks.training import (
-    checkpoint,
-    evaluate,
-    launch_servers,
-    learn,
-    reward_and_filter,
-    sample,
-    stop_servers,
-    sync_weights,
-    warm_up,
-)
+from tasks.training import evaluate, launch_servers, stop_servers, sync_weights, train_iterations, warm_up
 
 log = logging.getLogger(__name__)
-
-
-@contextmanager
-def timed(metrics: dict[str, float], name: str):
-    start = time.perf_counter()
-    yield
-    metrics[name] = time.perf_counter() - start
 
 
 @flow(name="dash-train")
@@ -42,7 +25,6 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
     progress = TrainingProgress(config.iterations, run.iteration)
     progress.console.print(f"run {run.run_id}: rollouts and checkpoints in {run.store.url}")
     servers = []
-    iteration, metrics = run.iteration, {}  # the current iteration and its metrics, until they are logged
     with run.tracker.failing():
         try:
             if config.sampler.backend == "remote" and config.sampler.remote.launch:
@@ -54,37 +36,16 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
                 scores = evaluate(run, 0)
                 run.log(scores, 0)
                 progress.evaluation(0, scores)
-            with progress:
-                for iteration in range(run.iteration + 1, config.iterations + 1):
-                    if run.budget_spent():  # a resumed run that had already stopped on its budget
-                        break
-                    start = time.perf_counter()
-                    with timed(metrics, "time/sample_s"):
-                        rollouts = sample(run, iteration)
-                    with timed(metrics, "time/reward_s"):
-                        manifest, scores = reward_and_filter(run, rollouts)
-                    metrics |= scores
-                    with timed(metrics, "time/learn_s"):
-                        metrics |= learn(run, manifest)
-                    with timed(metrics, "time/sync_s"):
-                        sync_weights(run)
-                    metrics["time/iteration_s"] = time.perf_counter() - start
-                    run.train_seconds += metrics["time/iteration_s"]
-                    metrics["time/train_s"] = run.train_seconds
-                    run.log(metrics, iteration)
-                    progress.iteration(iteration, metrics)
-                    metrics = {}
-                    last = iteration == config.iterations or run.budget_spent()
-                    if iteration % config.eval.every == 0 or last:
-                        scores = evaluate(run, iteration)
-                        run.log(scores, iteration)
-                        progress.evaluation(iteration, scores)
-                    if iteration % config.checkpoint.every == 0 or last:
-                        checkpoint(run)
-                    if last:
-                        break
+            with progress, steady_heap():
+                while run.iteration < config.iterations and not run.budget_spent():
+                    next_eval = min((run.iteration // config.eval.every + 1) * config.eval.every, config.iterations)
+                    done = train_iterations(run, run.iteration + 1, next_eval, progress.iteration)
+                    scores = evaluate(run, done)
+                    run.log(scores, done)
+                    progress.evaluation(done, scores)
+            run.save()
         except BaseException:
-            _save_what_is_learned(run, metrics if run.iteration == iteration else {})
+            _save_what_is_learned(run)
             progress.console.print(f"[red]stopped at iteration {run.iteration}[/]: resume with  dashrl train --resume {run.run_id}")
             raise
         finally:
@@ -97,20 +58,21 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
     return run.run_id
 
 
-def _save_what_is_learned(run: TrainingRun, unlogged: dict[str, float]) -> None:
-    """After a failure, keep every complete update, so `--resume` loses at most the interrupted iteration.
-
-    `unlogged`: metrics of the last complete update, when its sync or logging did not finish."""
+def _save_what_is_learned(run: TrainingRun) -> None:
+    """After a failure, keep every complete update, so `--resume` loses at most the interrupted iteration."""
     if run.updating:  # part of an iteration's optimizer steps is in the weights; resume from the last checkpoint
+        try:
+            run.checkpointer.wait()
+        except Exception:
+            log.exception("the checkpoint being written when the run failed is lost")
         log.warning("the failure came mid-update: resume starts after iteration %d, the last checkpoint", run.checkpointed)
         return
     try:
-        if run.iteration > run.checkpointed:
-            run.checkpoint()
+        run.save()
     except Exception:
         log.exception("could not save a checkpoint after the failure; resume starts after iteration %d", run.checkpointed)
     try:
-        if unlogged:
-            run.log(unlogged, run.iteration)
+        if run.iteration > run.logged_step:  # the last complete update's sync or logging did not finish
+            run.log(run.metrics, run.iteration)
     except Exception:
         log.exception("could not log the metrics of iteration %d after the failure", run.iteration)

@@ -1,17 +1,24 @@
-"""The phases of a training iteration as Prefect tasks.
+"""The Prefect tasks of a training run.
 
-They run in the flow's process and share the `TrainingRun` held in memory, so nothing big crosses a task
-boundary: results are rollouts held in memory, batch manifests and metrics, and none is persisted or cached.
+The rule for what is a task (measured with `dashrl bench orchestration`): only work that takes seconds. A task
+costs a few ms in this process, and the server's recording of its state changes competes with torch for the cores:
+one task per sub-second iteration made the embedded default's iterations 3-8% slower on two cores. So the
+iterations between two evaluations are one `iterations` task (each iteration's phases timed inside it and logged
+as `time/<phase>_s`), beside warm-up, evaluation and server launch. No task carries tags: for a tagged task Prefect
+asks the server for a concurrency slot before every run, even when no limit exists, and a busy sqlite server
+answers with retries seconds long. Inputs are the run held in memory and small values, never collections Prefect
+would walk, and no result is persisted or cached.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from dash_core.run import Rollouts, TrainingRun
+from dash_core.run import TrainingRun
 from dash_core.serving import VLLMServer
-from dash_core.store import BatchManifest
 
 
 def phase(name: str, **options):
@@ -35,31 +42,18 @@ def warm_up(run: TrainingRun) -> dict[str, float]:
     return run.warm_up()
 
 
-@phase("sample", task_run_name="sample-{iteration}", tags=["sampler"])
-def sample(run: TrainingRun, iteration: int) -> Rollouts:
-    return run.sample(iteration)
-
-
-@phase("reward-and-filter", task_run_name="reward-and-filter-{rollouts.iteration}")
-def reward_and_filter(run: TrainingRun, rollouts: Rollouts) -> tuple[BatchManifest, dict[str, float]]:
-    return run.score(rollouts)
-
-
-@phase("learn", task_run_name="learn-{manifest.iteration}", tags=["learner"])
-def learn(run: TrainingRun, manifest: BatchManifest) -> dict[str, float]:
-    return run.learn(manifest)
-
-
 @phase("sync-weights")
 def sync_weights(run: TrainingRun) -> None:
     run.sync()
 
 
+@phase("iterations", task_run_name="iterations-{first}-{last}")
+def train_iterations(run: TrainingRun, first: int, last: int, on_iteration: Callable[[int, dict[str, float]], None]) -> int:
+    """Iterations `first`..`last` (fewer when a budget runs out); returns the last one done."""
+    run.train(last, on_iteration)
+    return run.iteration
+
+
 @phase("evaluate", task_run_name="evaluate-{iteration}")
 def evaluate(run: TrainingRun, iteration: int) -> dict[str, float]:
     return run.evaluate(iteration)
-
-
-@phase("checkpoint")
-def checkpoint(run: TrainingRun) -> str:
-    return run.checkpoint()

@@ -1,34 +1,19 @@
-"""The transformers `generate` backend: always available, samples the preemptive batch in as few calls as fit."""
+"""The transformers backend: always available, samples the preemptive batch with the policy's own forward pass.
+
+It runs its own decode loop over a KV cache instead of `generate`, because the batch has a shape `generate` does not
+exploit, and per-step overhead is most of the cost for small models:
+- a group's G completions share one prompt: the prompt is prefilled once and its cache entries copied G times;
+- completions end at different lengths: finished rows leave the batch, so the longest few don't carry the rest;
+- only the sampled token's log-probability is kept (logit - logsumexp of the raw logits), never a step's
+  full-vocabulary distribution, and the prefill computes logits at the last prompt position only.
+"""
 
 from __future__ import annotations
 
 import torch
-from transformers import GenerationConfig, LogitsProcessor, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.samplers.base import Generation, SamplingParams
-
-
-class SampledLogprobs(LogitsProcessor):
-    """Log-probabilities of the sampled tokens under the raw (temperature-1, untruncated) distribution, one step at a
-    time: `output_logits` would keep every step's full-vocabulary logits (batch x steps x vocab floats, many GiB for
-    a real vocabulary). Custom processors run before generate's temperature/top-k/top-p warpers, so `scores` are raw.
-    Each call sees the token the previous step sampled; `finish` adds the last one."""
-
-    def __init__(self) -> None:
-        self.previous: torch.Tensor | None = None
-        self.values: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.previous is not None:
-            self.values.append(self.previous.gather(-1, input_ids[:, -1:]).squeeze(-1))
-        self.previous = scores.float().log_softmax(-1)
-        return scores
-
-    def finish(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Per-token log-probabilities of `tokens` (batch x steps), the completions generate returned."""
-        if self.previous is not None:
-            self.values.append(self.previous.gather(-1, tokens[:, -1:]).squeeze(-1))
-        return torch.stack(self.values, dim=1) if self.values else tokens.new_zeros(tokens.shape, dtype=torch.float32)
 
 
 class TransformersSampler:
@@ -37,61 +22,108 @@ class TransformersSampler:
     def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int | None = None):
         self.policy = policy
         self.tokenizer = tokenizer
-        self.batch_size = batch_size
+        self.batch_size = batch_size  # sequences per decode loop (whole groups); None: the whole batch at once
 
     def load_weights(self, policy: PreTrainedModel) -> None:
         self.policy = policy
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        expanded = [prompt for prompt in prompts for _ in range(params.n)]
-        size = self.batch_size or len(expanded)
+        per_call = max(self.batch_size // params.n, 1) if self.batch_size else len(prompts)
         was_training = self.policy.training
         self.policy.eval()
         try:
-            return [g for start in range(0, len(expanded), size) for g in self._generate(expanded[start : start + size], params)]
+            return [g for start in range(0, len(prompts), per_call) for g in self._decode(prompts[start : start + per_call], params)]
         finally:
             self.policy.train(was_training)
 
-    def _generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        pad, eos = self.tokenizer.pad_token_id, self.tokenizer.eos_token_id
-        width = max(len(p) for p in prompts)
-        device = self.policy.device
+    def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+        """`params.n` completions of each prompt, prompt-major, from one prefill and one decode loop."""
+        device, n, steps = self.policy.device, params.n, params.max_new_tokens
+        pad = self.tokenizer.pad_token_id
+        width = max(map(len, prompts))
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-        attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-        recorder = SampledLogprobs()
-        sequences = self.policy.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=self._generation_config(params),
-            logits_processor=[recorder],
-            tokenizer=self.tokenizer if params.stop else None,
-        )
-        tokens = sequences[:, width:]
-        logprobs = recorder.finish(tokens)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: every prompt starts at position 0
+        cache = DynamicCache(config=self.policy.config)
+        out = self.policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
+                          use_cache=True, logits_to_keep=1)  # fmt: skip
+        logits = out.logits[:, -1].float().repeat_interleave(n, 0)
+        if n > 1:
+            cache.batch_repeat_interleave(n)
+            mask = mask.repeat_interleave(n, 0)
+        position = positions[:, -1].repeat_interleave(n, 0)
+        rows = len(logits)
+        tokens = torch.full((rows, steps), pad, device=device)
+        logprobs = torch.zeros(rows, steps, device=device)
+        lengths = torch.full((rows,), steps, device=device)
+        stopped = torch.zeros(rows, dtype=torch.bool, device=device)
+        active = torch.arange(rows, device=device)  # rows still decoding, in the order of the cache's batch
+        ends = self._end_of_sequence_ids(device)
+        for step in range(steps):
+            token, logprob = _sample(logits, params)
+            tokens[active, step], logprobs[active, step] = token, logprob
+            done = torch.isin(token, ends)
+            if params.stop:
+                done |= self._meets_stop_string(tokens[active, : step + 1], params.stop)
+            if step == steps - 1 or done.all():
+                lengths[active[done]], stopped[active[done]] = step + 1, True
+                break
+            if done.any():  # finished rows leave the batch
+                lengths[active[done]], stopped[active[done]] = step + 1, True
+                keep = (~done).nonzero().squeeze(-1)
+                cache.batch_select_indices(keep)
+                active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
+            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            position = position + 1
+            out = self.policy(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                              past_key_values=cache, use_cache=True)  # fmt: skip
+            logits = out.logits[:, -1].float()
         generations = []
-        for row, row_logprobs in zip(tokens.tolist(), logprobs.tolist()):
-            end = row.index(eos) + 1 if eos in row else len(row)
-            text = self.tokenizer.decode(row[:end], skip_special_tokens=True)
-            stopped = eos in row or any(stop in text for stop in params.stop)
-            if stopped and eos not in row:
-                while end and row[end - 1] == pad:  # generate pads a row once a stop string ends it
-                    end -= 1
-            generations.append(Generation(row[:end], row_logprobs[:end], text, "stop" if stopped else "length"))
+        for row, row_logprobs, length, stop in zip(tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()):
+            text = self.tokenizer.decode(row[:length], skip_special_tokens=True)
+            generations.append(Generation(row[:length], row_logprobs[:length], text, "stop" if stop else "length"))
         return generations
 
-    def _generation_config(self, params: SamplingParams) -> GenerationConfig:
-        # Every field that shapes the distribution is set, so a model's own generation defaults
-        # (repetition penalties, top-k) never make sampling drift from the policy the learner sees.
-        greedy = params.temperature == 0
-        return GenerationConfig(
-            max_new_tokens=params.max_new_tokens,
-            do_sample=not greedy,
-            temperature=None if greedy else params.temperature,
-            top_p=None if greedy else params.top_p,
-            top_k=None if greedy else params.top_k,
-            repetition_penalty=1.0,
-            stop_strings=list(params.stop) or None,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.tokenizer.eos_token_id,
-        )
+    def _end_of_sequence_ids(self, device: torch.device) -> torch.Tensor:
+        """The tokenizer's EOS and the model's own end tokens (chat models end a turn with e.g. <|im_end|>)."""
+        ids = {self.tokenizer.eos_token_id}
+        configured = getattr(self.policy.generation_config, "eos_token_id", None)
+        ids |= set(configured) if isinstance(configured, list) else {configured}
+        return torch.tensor(sorted(i for i in ids if i is not None), device=device)
+
+    def _meets_stop_string(self, tokens: torch.Tensor, stops: tuple[str, ...]) -> torch.Tensor:
+        """Rows whose newest token completes a stop string. Only a tail is decoded: every token adds at least one
+        character (or a few bytes of one), so a window of a few tokens per stop character covers any stop string."""
+        window = 4 * max(map(len, stops)) + 4
+        heads = self.tokenizer.batch_decode(tokens[:, -window - 1 : -1].tolist(), skip_special_tokens=True)
+        tails = self.tokenizer.batch_decode(tokens[:, -window:].tolist(), skip_special_tokens=True)
+        hits = [any(s in tail and s not in head for s in stops) for head, tail in zip(heads, tails)]
+        return torch.tensor(hits, device=tokens.device)
+
+
+def _sample(logits: torch.Tensor, params: SamplingParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """Next tokens drawn from the temperature / top-k / top-p shaped distribution, and their log-probabilities under
+    the raw one (what the learner recomputes)."""
+    normaliser = logits.logsumexp(-1, keepdim=True)
+    if params.temperature == 0:
+        token = logits.argmax(-1)
+    else:
+        if params.temperature == 1 and not params.top_k and params.top_p >= 1:
+            probs = (logits - normaliser).exp()
+        else:
+            probs = _shaped(logits / params.temperature, params.top_k, params.top_p).softmax(-1)
+        token = (probs / torch.empty_like(probs).exponential_()).argmax(-1)  # one draw per row (exponential race)
+    return token, (logits.gather(-1, token[:, None]) - normaliser).squeeze(-1)
+
+
+def _shaped(scores: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
+    if 0 < top_k < scores.size(-1):
+        kth = scores.topk(top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, -torch.inf)
+    if top_p < 1:
+        ordered, order = scores.sort(-1, descending=True)
+        probs = ordered.softmax(-1)
+        mass_before = probs.cumsum(-1) - probs  # the smallest head of the distribution holding top_p is kept
+        scores = scores.scatter(-1, order, ordered.masked_fill(mass_before >= top_p, -torch.inf))
+    return scores
