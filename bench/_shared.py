@@ -23,11 +23,11 @@ QUIET_ENV = {
 }
 
 
-def embedded_config(workdir: Path, threads: int, **fields: Any):
+def embedded_config(workdir: Path, **fields: Any):
     """The embedded default (`dashrl train` with no flags), with its store and MLflow database in `workdir`."""
     from dash_core.config import DashConfig, merge
 
-    base = {"threads": threads, "store": {"url": str(workdir / "store")},
+    base = {"store": {"url": str(workdir / "store")},
             "tracking": {"uri": f"sqlite:///{workdir}/mlflow.db", "experiment": "bench"}}  # fmt: skip
     return DashConfig.model_validate(merge(base, fields))
 
@@ -38,7 +38,7 @@ def warm_policy(workdir: Path, threads: int) -> str:
     if not (folder / "config.json").exists():
         from dash_core.run import TrainingRun
 
-        run = TrainingRun.start(embedded_config(workdir, threads))
+        run = TrainingRun.start(embedded_config(workdir, threads=threads))
         run.warm_up()
         run.save_policy(str(folder))
         run.tracker.finish()

@@ -15,7 +15,6 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -32,16 +31,9 @@ def measure(config: DashConfig, iterations: int) -> dict[str, float]:
     run.sample(0)  # warm the kernels and caches once
     times: dict[str, list[float]] = {"sample": [], "reward": [], "learn": []}
     for iteration in range(1, iterations + 1):
-        start = time.perf_counter()
-        rollouts = run.sample(iteration)
-        sampled = time.perf_counter()
-        manifest, _ = run.score(rollouts)
-        scored = time.perf_counter()
-        run.learn(manifest)
-        learned = time.perf_counter()
-        times["sample"].append(sampled - start)
-        times["reward"].append(scored - sampled)
-        times["learn"].append(learned - scored)
+        metrics = run.step(iteration)
+        for phase, values in times.items():
+            values.append(metrics[f"time/{phase}_s"])
     run.tracker.finish()
     return {phase: statistics.median(values) for phase, values in times.items()}
 

@@ -36,9 +36,12 @@ def run_mode(mode: str, args: argparse.Namespace) -> None:
     from dash_core.timing import steady_heap
 
     retries = RetryCounter()
-    logging.getLogger("prefect").addHandler(retries)
+    client_log = logging.getLogger("prefect.client")  # its retries are DEBUG lines, counted here, not printed
+    client_log.setLevel(logging.DEBUG)
+    client_log.propagate = False
+    client_log.addHandler(retries)
     config = embedded_config(
-        Path(args.workdir), args.threads, iterations=args.iterations, model={"name": args.model},
+        Path(args.workdir), threads=args.threads, iterations=args.iterations, model={"name": args.model},
         warmup={"steps": 0}, eval={"every": 10 * args.iterations, "size": 50, "log_samples": 0},
         tracking={"experiment": f"orchestration-{mode}"},
     )  # fmt: skip
@@ -70,7 +73,7 @@ class RetryCounter(logging.Handler):
         self.count = 0
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.count += "retryable status code" in record.getMessage()
+        self.count += "Another attempt will be made" in record.getMessage()
 
 
 def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:

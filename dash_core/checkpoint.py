@@ -123,6 +123,7 @@ def load_latest(store: RunStore, local_dir: str | Path) -> Checkpoint | None:
     if not store.exists(LATEST):
         return None
     pointer = store.read_json(LATEST)
+    Path(local_dir).mkdir(parents=True, exist_ok=True)
     store.get_dir(pointer["path"], local_dir)
     state = torch.load(Path(local_dir) / TRAINER_STATE, weights_only=False)
     return Checkpoint(pointer["iteration"], Path(local_dir), state)

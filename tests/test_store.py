@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 from helpers import TINY
 
-from dash_core.checkpoint import save_checkpoint
+from dash_core.checkpoint import Checkpointer
 from dash_core.models import load_policy
 from dash_core.store import RunStore
 
@@ -73,7 +73,9 @@ def test_unwritable_store_is_explained(tmp_path):
 
 def test_checkpoint_keep_counts_checkpoints_not_iterations(store):
     policy, tokenizer = load_policy(TINY)
+    checkpointer = Checkpointer(store, tokenizer, keep=2)
     for iteration in (10, 20, 30):
-        save_checkpoint(store, iteration, policy, tokenizer, {}, keep=2)
+        checkpointer.save(iteration, policy, {})
+    checkpointer.wait()
     kept = sorted(Path(p).name for p in store.fs.ls(store.path("checkpoints"), detail=False))
     assert kept == ["iter_000020", "iter_000030", "latest.json"]

@@ -3,7 +3,8 @@
 It runs its own decode loop over a KV cache instead of `generate`, because the batch has a shape `generate` does not
 exploit, and per-step overhead is most of the cost for small models:
 - a group's G completions share one prompt: the prompt is prefilled once and its cache entries copied G times;
-- completions end at different lengths: finished rows leave the batch, so the longest few don't carry the rest;
+- completions end at different lengths: finished rows leave the batch (once a quarter of it has finished, so the
+  cache is not copied every step), and the longest few do not carry the rest;
 - only the sampled token's log-probability is kept (logit - logsumexp of the raw logits), never a step's
   full-vocabulary distribution, and the prefill computes logits at the last prompt position only.
 """
@@ -58,22 +59,27 @@ class TransformersSampler:
         logprobs = torch.zeros(rows, steps, device=device)
         lengths = torch.full((rows,), steps, device=device)
         stopped = torch.zeros(rows, dtype=torch.bool, device=device)
-        active = torch.arange(rows, device=device)  # rows still decoding, in the order of the cache's batch
+        active = torch.arange(rows, device=device)  # the rows in the cache's batch, in its order
+        live = torch.ones(rows, dtype=torch.bool, device=device)  # which of them are still decoding
+        remaining = rows
         ends = self._end_of_sequence_ids(device)
         for step in range(steps):
             token, logprob = _sample(logits, params)
-            tokens[active, step], logprobs[active, step] = token, logprob
-            done = torch.isin(token, ends)
+            tokens[active, step], logprobs[active, step] = token, logprob  # past a row's end: cut off below
+            done = torch.isin(token, ends) & live
             if params.stop:
-                done |= self._meets_stop_string(tokens[active, : step + 1], params.stop)
-            if step == steps - 1 or done.all():
+                done |= self._meets_stop_string(tokens[active, : step + 1], params.stop) & live
+            finished = int(done.sum())  # the loop's one host sync per step
+            if finished:
                 lengths[active[done]], stopped[active[done]] = step + 1, True
+                live &= ~done
+                remaining -= finished
+            if step == steps - 1 or not remaining:
                 break
-            if done.any():  # finished rows leave the batch
-                lengths[active[done]], stopped[active[done]] = step + 1, True
-                keep = (~done).nonzero().squeeze(-1)
+            if 4 * (len(live) - remaining) >= len(live):  # a quarter of the batch has finished: it leaves the batch
+                keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
-                active, token, mask, position = active[keep], token[keep], mask[keep], position[keep]
+                active, live, token, mask, position = active[keep], live[keep], token[keep], mask[keep], position[keep]
             mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
             position = position + 1
             out = self.policy(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],

@@ -1,0 +1,102 @@
+"""Checkpoints written in the background: the snapshot is the state at save time, and a crash mid-write (kill -9)
+leaves the previous checkpoint in force."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import torch
+from helpers import TINY
+
+from dash_core.checkpoint import Checkpointer, load_latest
+from dash_core.config import DashConfig
+from dash_core.models import load_policy
+from dash_core.run import TrainingRun
+from dash_core.store import RunStore
+
+
+def weights_of(model_dir) -> dict[str, torch.Tensor]:
+    return load_policy(TINY, path=str(model_dir))[0].state_dict()
+
+
+def test_the_snapshot_is_the_state_at_save_time(tmp_path):
+    policy, tokenizer = load_policy(TINY)
+    saved = {k: v.clone() for k, v in policy.state_dict().items()}
+    store = RunStore(str(tmp_path / "store"), "run")
+    checkpointer = Checkpointer(store, tokenizer, keep=2)
+    checkpointer.save(1, policy, {"samples_total": 7})
+    with torch.no_grad():  # training goes on while the write is in flight
+        for param in policy.parameters():
+            param.add_(1.0)
+    checkpointer.wait()
+    checkpoint = load_latest(store, tmp_path / "restored")
+    assert checkpoint.iteration == 1 and checkpoint.trainer_state["samples_total"] == 7
+    assert all(torch.equal(saved[k], v) for k, v in weights_of(checkpoint.model_dir).items())
+
+
+CRASHING_WRITER = textwrap.dedent("""
+    import pathlib, sys, time
+    import torch
+    from helpers import TINY
+    from dash_core.checkpoint import Checkpointer
+    from dash_core.models import load_policy
+    from dash_core.store import RunStore
+
+    root = pathlib.Path(sys.argv[1])
+    policy, tokenizer = load_policy(TINY)
+    store = RunStore(str(root / "store"), "run")
+    checkpointer = Checkpointer(store, tokenizer, keep=2)
+    checkpointer.save(1, policy, {})
+    checkpointer.wait()
+    copy_file = store.fs.put_file
+    def slow_copy(local, remote, **kwargs):  # the second checkpoint's write stalls after its first file
+        copy_file(local, remote, **kwargs)
+        (root / "mid-write").touch()
+        time.sleep(600)
+    store.fs.put_file = slow_copy
+    with torch.no_grad():
+        for param in policy.parameters():
+            param.add_(1.0)
+    checkpointer.save(2, policy, {})
+    time.sleep(600)
+""")
+
+
+def test_a_crash_during_a_background_write_keeps_the_previous_checkpoint(tmp_path):
+    env = os.environ | {"PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.getcwd()])}
+    writer = subprocess.Popen([sys.executable, "-c", CRASHING_WRITER, str(tmp_path)], env=env)
+    try:
+        for _ in range(1200):
+            if (tmp_path / "mid-write").exists() or writer.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert (tmp_path / "mid-write").exists(), "the writer never reached its second checkpoint"
+    finally:
+        os.kill(writer.pid, signal.SIGKILL)
+        writer.wait()
+    store = RunStore(str(tmp_path / "store"), "run")
+    assert store.exists("checkpoints/iter_000002")  # the interrupted write left a partial folder behind
+    checkpoint = load_latest(store, tmp_path / "restored")
+    assert checkpoint.iteration == 1
+    initial = load_policy(TINY)[0].state_dict()
+    assert all(torch.equal(initial[k], v) for k, v in weights_of(checkpoint.model_dir).items())
+
+
+def test_checkpoints_by_iterations_or_by_minutes(tmp_path, small_config):
+    def checkpoints(every, every_minutes) -> list[str]:
+        config = small_config.model_copy(deep=True)
+        config.iterations, config.warmup.steps = 3, 0
+        config.checkpoint = {"every": every, "every_minutes": every_minutes, "keep": 5}
+        config = DashConfig.model_validate(config.model_dump())
+        run = TrainingRun.start(config)
+        run.train(config.iterations)
+        run.save()
+        run.tracker.finish()
+        return sorted(p.rsplit("/", 1)[-1] for p in run.store.fs.ls(run.store.path("checkpoints")) if "iter_" in p)
+
+    assert checkpoints(2, None) == ["iter_000002", "iter_000003"]  # every 2nd, and the final state
+    assert checkpoints(None, 1e-9) == ["iter_000001", "iter_000002", "iter_000003"]  # time is always up
+    assert checkpoints(None, 60) == ["iter_000003"]  # only the final state
