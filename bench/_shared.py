@@ -8,7 +8,7 @@ import statistics
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 QUIET_ENV = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
@@ -45,12 +45,14 @@ def warm_policy(workdir: Path, threads: int) -> str:
     return str(folder)
 
 
-def worker(script: str, role: str, out: Path, options: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def worker(
+    script: str, role: str, out: Path, options: list[str], env: dict[str, str] | None = None, stderr: IO | None = None
+) -> subprocess.Popen:
     """Start `script --worker role --out out ...` in a fresh process (its own imports, threads and heap)."""
     inherited = {key: value for key, value in os.environ.items() if key != "PREFECT_API_URL"}  # ephemeral unless given
     environment = inherited | QUIET_ENV | (env or {})
     command = [sys.executable, script, "--worker", role, "--out", str(out), *options]
-    return subprocess.Popen(command, env=environment)
+    return subprocess.Popen(command, env=environment, stderr=stderr)
 
 
 def finish(process: subprocess.Popen, out: Path) -> dict[str, Any]:

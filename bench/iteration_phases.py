@@ -34,6 +34,7 @@ def measure(config: DashConfig, iterations: int) -> dict[str, float]:
         metrics = run.step(iteration)
         for phase, values in times.items():
             values.append(metrics[f"time/{phase}_s"])
+    run.save()  # the last checkpoint is written in the background: done before the folder goes
     run.tracker.finish()
     return {phase: statistics.median(values) for phase, values in times.items()}
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -32,14 +31,7 @@ MODES = ("plain", "flow")
 
 
 def run_mode(mode: str, args: argparse.Namespace) -> None:
-    """Worker: train, then write the iterations' `time/iteration_s` and the client's retry count to --out."""
-    from dash_core.timing import steady_heap
-
-    retries = RetryCounter()
-    client_log = logging.getLogger("prefect.client")  # its retries are DEBUG lines, counted here, not printed
-    client_log.setLevel(logging.DEBUG)
-    client_log.propagate = False
-    client_log.addHandler(retries)
+    """Worker: train, then write the iterations' `time/iteration_s` to --out."""
     config = embedded_config(
         Path(args.workdir), threads=args.threads, iterations=args.iterations, model={"name": args.model},
         warmup={"steps": 0}, eval={"every": 10 * args.iterations, "size": 50, "log_samples": 0},
@@ -51,6 +43,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> None:
         run_id = dash_train(config=config)
     else:
         from dash_core.run import TrainingRun
+        from dash_core.timing import steady_heap
 
         run = TrainingRun.start(config)
         with steady_heap():
@@ -62,18 +55,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> None:
 
     history = MlflowClient(config.tracking.uri).get_metric_history(run_id, "time/iteration_s")
     times = [m.value for m in sorted(history, key=lambda m: m.step)]
-    Path(args.out).write_text(json.dumps({"iteration_s": times, "retries": retries.count}))
-
-
-class RetryCounter(logging.Handler):
-    """Counts the Prefect client's retries of requests the server answered with 'try again' (a stall each)."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.count = 0
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.count += "Another attempt will be made" in record.getMessage()
+    Path(args.out).write_text(json.dumps({"iteration_s": times}))
 
 
 def prefect_server(home: Path) -> tuple[subprocess.Popen, str]:
@@ -117,7 +99,8 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="dash-orchestration-"))
     model = warm_policy(workdir, args.threads)
-    server, env = None, {"PREFECT_HOME": str(workdir / "prefect")}
+    # The client logs each retry of a request the server answered with "try again" (a stall) at DEBUG.
+    server, env = None, {"PREFECT_HOME": str(workdir / "prefect"), "PREFECT_LOGGING_LOGGERS_PREFECT_CLIENT_LEVEL": "DEBUG"}
     if args.prefect == "server":
         server, url = prefect_server(workdir / "prefect-server")
         env["PREFECT_API_URL"] = url
@@ -126,12 +109,13 @@ def main() -> None:
     try:
         for round_ in range(args.rounds):
             for mode in MODES if round_ % 2 == 0 else MODES[::-1]:
-                out = workdir / f"{mode}-{round_}.json"
+                out, log = workdir / f"{mode}-{round_}.json", workdir / f"{mode}-{round_}.log"
                 options = ["--iterations", str(args.iterations), "--threads", str(args.threads), "--workdir",
                            str(workdir), "--model", model]  # fmt: skip
-                result = finish(worker(__file__, mode, out, options, env), out)
+                with log.open("w") as stderr:
+                    result = finish(worker(__file__, mode, out, options, env, stderr), out)
                 results[mode] += result["iteration_s"][1:]  # the first iteration also pays one-off warm-ups
-                retries[mode] += result["retries"]
+                retries[mode] += log.read_text().count("Another attempt will be made")
     finally:
         if server:
             server.terminate()

@@ -11,6 +11,9 @@ as `GRPOTrainer` configured to the same work: the whole batch sampled at once (`
 token-level loss (`dapo`), group-scaled rewards, constant lr, gradient checkpointing off. Each run trains for the
 same wall-clock budget in a fresh process; its policy is then scored on the held-out set by DASH's evaluator.
 
+Both systems are deterministic on this CPU, so pair i runs both with seed --seed + i: the pairs differ in prompt
+stream and sampling, which is what the reward and accuracy comparisons average over.
+
 Per system (means over runs): median and mean s/step (the whole cycle, step end to step end), samples/s,
 generate / learn / other s/step, CPU s/step (the process tree's, Prefect's server included), reward per step,
 held-out accuracy after the budget; then the ratios. The load other processes put on the machine is measured
@@ -275,7 +278,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward+backward, both systems")
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="pair i runs both systems with seed + i (prompts, sampling)")
     parser.add_argument("--eval-size", type=int, default=500, help="held-out problems scored after each run")
     parser.add_argument("--eval-n", type=int, default=4, help="samples per held-out problem (sampled accuracy)")
     parser.add_argument("--max-load-spread", type=float, default=0.25, help="cores of outside load runs may differ by")
@@ -301,13 +304,14 @@ def main(argv: list[str] | None = None) -> None:
 def compare(systems: list[str], args: argparse.Namespace, workdir: Path) -> dict[str, list[dict[str, Any]]]:
     """Run the systems alternately, --pairs times; each record gets its CPU and outside-load figures."""
     passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
-              if k not in ("pairs", "systems", "workdir", "worker", "out", "max_load_spread") and v is not None]  # fmt: skip
+              if k not in ("pairs", "systems", "workdir", "worker", "out", "max_load_spread", "seed") and v is not None]  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
     for pair in range(args.pairs):
         for system in systems:
             out = workdir / f"{system}-{pair}.json"
             load_before = os.getloadavg()[0]
-            process = worker(__file__, system, out, [*passed, f"--workdir={workdir}"], {"PREFECT_HOME": str(workdir / "prefect")})
+            options = [*passed, f"--workdir={workdir}", f"--seed={args.seed + pair}"]  # both systems are deterministic
+            process = worker(__file__, system, out, options, {"PREFECT_HOME": str(workdir / "prefect")})
             watcher = TreeWatcher(process.pid)
             try:
                 record = finish(process, out)
