@@ -1,7 +1,9 @@
 """Checkpoints in the run's store folder: model directory, optimizer, RNG states and iteration.
 
-A checkpoint counts only once `checkpoints/latest.json` points at it; that pointer is written last (atomically),
-so a crash while saving leaves the previous checkpoint in force.
+A checkpoint proves itself: its folder's `manifest.json`, written after every other file, lists each file's size
+and SHA-256, and a checkpoint counts only when its files match it. `checkpoints/latest.json` then points at it
+(written last, atomically). Loading takes the newest checkpoint that proves itself and says why it skips any
+newer one (truncated or corrupt files, a write that never finished, a pointer that disagrees with its target).
 
 Writing is off the training loop's path: `Checkpointer.save` copies the state into CPU memory on the caller's
 thread (a memory copy, milliseconds even for GBs) and one background thread writes it, so the next iteration runs
@@ -10,7 +12,10 @@ while the files go to disk or S3. One write is in flight at a time: a save waits
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import random
+import shutil
 import tempfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -23,8 +28,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from dash_core.models import save_model
 from dash_core.store import RunStore
 
+log = logging.getLogger(__name__)
 LATEST = "checkpoints/latest.json"
+MANIFEST = "manifest.json"
 TRAINER_STATE = "trainer_state.pt"
+
+
+class InvalidCheckpoint(ValueError):
+    """A checkpoint whose files do not match its manifest (or that has none): never loaded."""
 
 
 @dataclass
@@ -75,7 +86,9 @@ def write_checkpoint(
     with tempfile.TemporaryDirectory() as tmp:
         save_model(policy, tokenizer, tmp, weights)
         torch.save({**trainer_state, "iteration": iteration}, Path(tmp) / TRAINER_STATE)
+        files = {file.name: _fingerprint(file) for file in sorted(Path(tmp).iterdir())}
         store.put_dir(tmp, name)
+    store.write_json(f"{name}/{MANIFEST}", {"iteration": iteration, "files": files})
     store.write_json(LATEST, {"iteration": iteration, "path": name})
     saved = sorted(p for p in store.fs.ls(store.path("checkpoints"), detail=False) if Path(p).name.startswith("iter_"))
     for old in saved[:-keep]:
@@ -118,12 +131,79 @@ class Checkpointer:
                               "credentials; the previous checkpoint is still in force") from exc  # fmt: skip
 
 
+def _fingerprint(path: Path) -> dict[str, Any]:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return {"bytes": path.stat().st_size, "sha256": digest.hexdigest()}
+
+
 def load_latest(store: RunStore, local_dir: str | Path) -> Checkpoint | None:
-    """Copy the latest checkpoint to `local_dir`; None when the run has none yet."""
-    if not store.exists(LATEST):
-        return None
-    pointer = store.read_json(LATEST)
-    Path(local_dir).mkdir(parents=True, exist_ok=True)
-    store.get_dir(pointer["path"], local_dir)
-    state = torch.load(Path(local_dir) / TRAINER_STATE, weights_only=False)
-    return Checkpoint(pointer["iteration"], Path(local_dir), state)
+    """Copy the newest checkpoint that proves itself to `local_dir`; None when the run has none.
+
+    Newer checkpoints that fail their manifest are skipped with a warning naming the problem."""
+    names = sorted((Path(p).name for p in _listing(store) if Path(p).name.startswith("iter_")), reverse=True)
+    pointer = _pointer(store)
+    has_manifests = any(store.exists("checkpoints", name, MANIFEST) for name in names)
+    for name in names:
+        folder = Path(local_dir) / name
+        pointed_at = pointer == {"iteration": int(name.removeprefix("iter_")), "path": f"checkpoints/{name}"}
+        legacy = pointed_at and not has_manifests
+        try:
+            checkpoint = _verified(store, f"checkpoints/{name}", folder, legacy)
+        except InvalidCheckpoint as exc:
+            log.warning("skipping checkpoint %s: %s", store.path("checkpoints", name), exc)
+            shutil.rmtree(folder, ignore_errors=True)
+            continue
+        if pointer != {"iteration": checkpoint.iteration, "path": f"checkpoints/{name}"}:
+            log.warning("checkpoints/latest.json (%s) does not point at the newest valid checkpoint; using %s", pointer, name)
+        return checkpoint
+    return None
+
+
+def _listing(store: RunStore) -> list[str]:
+    return store.fs.ls(store.path("checkpoints"), detail=False) if store.exists("checkpoints") else []
+
+
+def _pointer(store: RunStore) -> Any:
+    try:
+        return store.read_json(LATEST)
+    except (OSError, ValueError) as exc:
+        return f"unreadable: {exc}"
+
+
+def _verified(store: RunStore, relpath: str, folder: Path, legacy: bool) -> Checkpoint:
+    """Download a checkpoint and check every file against its manifest, and the iteration it claims everywhere.
+
+    `legacy`: the pointer names it and no checkpoint of the run has a manifest, so it was written before
+    checkpoints had them (a newer one's pointer always follows its manifest): it loads, unverified."""
+    iteration = int(relpath.rsplit("_", 1)[-1])
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        manifest = store.read_json(f"{relpath}/{MANIFEST}")
+    except FileNotFoundError:
+        if not legacy:
+            raise InvalidCheckpoint("no manifest: its write never finished") from None
+        log.warning("checkpoint %s predates checksums: loading it unverified", store.path(relpath))
+        store.get_dir(relpath, folder)
+        manifest = {"iteration": iteration, "files": {}}
+    except ValueError as exc:
+        raise InvalidCheckpoint(f"unreadable manifest ({exc})") from None
+    if manifest.get("iteration") != iteration:
+        raise InvalidCheckpoint(f"its manifest says iteration {manifest.get('iteration')}, its name {iteration}")
+    for file, expected in manifest["files"].items():
+        try:
+            store.fs.get_file(store.path(relpath, file), str(folder / file))
+        except FileNotFoundError:
+            raise InvalidCheckpoint(f"{file} is missing") from None
+        found = _fingerprint(folder / file)
+        if found != expected:
+            raise InvalidCheckpoint(f"{file} does not match its checksum ({found['bytes']} bytes, {expected['bytes']} expected)")
+    try:
+        state = torch.load(folder / TRAINER_STATE, weights_only=False)
+    except Exception as exc:  # truncated or garbled: whatever the unpickler raised
+        raise InvalidCheckpoint(f"{TRAINER_STATE} does not load ({exc})") from None
+    if state.get("iteration") != iteration:
+        raise InvalidCheckpoint(f"its trainer state says iteration {state.get('iteration')}")
+    return Checkpoint(iteration, folder, state)

@@ -35,11 +35,16 @@ from dash_core.timing import timed
 from dash_core.tracking import Tracker
 
 log = logging.getLogger(__name__)
+ITERATION_KEY = "reward/mean"  # logged by every iteration: the steps MLflow holds iterations for
 LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]
 
 
 class EverythingFilteredError(RuntimeError):
     """Every group had equal rewards for too long: no gradient is left and the run cannot recover."""
+
+
+class ResumeError(RuntimeError):
+    """The run's store cannot rebuild what its MLflow history shows: resuming would log iterations twice."""
 
 
 def _nothing_left(iterations: int, reward_mean: float) -> str:
@@ -87,7 +92,9 @@ class TrainingRun:
         self.train_seconds = 0.0  # whole iterations (sample .. checkpoint), summed: what budgets count
         self.empty_iterations = 0
         self.metrics: dict[str, float] = {}  # the iteration in progress (or last done), filled phase by phase
-        self.logged_step = -1  # the newest step with metrics in MLflow
+        self.logged: set[int] = set()  # iterations whose metrics are in MLflow
+        self.evaluated: set[int] = set()  # iterations whose evaluation is in MLflow
+        self.warm = False  # the policy holds the warm-up's result
         self.cycle_start: float | None = None  # when the training loop's clock last started (see `step`)
 
     @property
@@ -139,24 +146,54 @@ class TrainingRun:
 
     @classmethod
     def resume(cls, config: DashConfig, run_id: str) -> TrainingRun:
-        """Continue `run_id` from its latest checkpoint (or from the start if it has none)."""
+        """Continue `run_id`: restore its newest valid checkpoint (or its start), then replay the updates of the
+        rollout batches stored since, so no completed iteration is lost and none is logged twice."""
         tracker = Tracker.reopen(config.tracking, run_id)
         store = RunStore(config.store.url, run_id, config.store.storage_options)
         with tempfile.TemporaryDirectory() as tmp, tracker.failing():
             checkpoint = load_latest(store, tmp)
-            if checkpoint is None:
-                log.warning("run %s has no checkpoint yet: starting it from the beginning", run_id)
-                return cls(config, tracker, store)
-            run = cls(config, tracker, store, checkpoint_dir=str(checkpoint.model_dir))
-        state = checkpoint.trainer_state
-        run.learner.load_optimizer_state(state["optimizer"])
-        set_rng_state(state["rng"])
-        run.iteration = run.checkpointer.saved = run.checkpointer.requested = checkpoint.iteration
-        run.samples_total = state["samples_total"]
-        run.train_seconds = state["train_seconds"]
-        run.empty_iterations = state["empty_iterations"]
+            run = cls(config, tracker, store, checkpoint_dir=str(checkpoint.model_dir) if checkpoint else None)
+            run.logged = set(tracker.history(ITERATION_KEY))
+            run.evaluated = set(tracker.history(run.eval_key))
+            if checkpoint:
+                run.restore(checkpoint.iteration, checkpoint.trainer_state)
+            elif config.warmup.steps and run._warmup_cache().exists("done.json"):
+                run._load_warmup(run.policy)
+                run.warm = True
+            run.replay()
         log.info("resumed run %s at iteration %d", run_id, run.iteration)
         return run
+
+    def restore(self, iteration: int, state: dict) -> None:
+        self.learner.load_optimizer_state(state["optimizer"])
+        set_rng_state(state["rng"])
+        self.iteration = self.checkpointer.saved = self.checkpointer.requested = iteration
+        self.samples_total = state["samples_total"]
+        self.train_seconds = state["train_seconds"]
+        self.empty_iterations = state["empty_iterations"]
+        self.warm = True
+
+    def replay(self) -> None:
+        """Redo the updates of the stored batches newer than the weights (the store is the run's write-ahead log);
+        deterministic, so the weights are those the lost run had. Metrics MLflow lacks are logged, once."""
+        restored = self.iteration
+        while self.store.has_batch(self.iteration + 1):
+            manifest = self.store.manifest(self.iteration + 1)
+            metrics = manifest.metrics | self.learn(manifest)
+            if manifest.iteration not in self.logged:  # timings are the replay's, not the iteration's: left out
+                self.log({k: v for k, v in metrics.items() if not k.startswith("time/")}, manifest.iteration)
+        if self.iteration > restored:
+            log.info("replayed iterations %d-%d from the rollout store", restored + 1, self.iteration)
+        newest = max(self.logged, default=0)
+        if newest > self.iteration:
+            raise ResumeError(
+                f"MLflow run {self.run_id} holds iterations up to {newest}, but its store {self.store.url} can rebuild "
+                f"only up to {self.iteration} (checkpoints and rollout batches): resuming would log iterations "
+                f"{self.iteration + 1}-{newest} twice. Restore the run's checkpoints/ and rollouts/ folders, or start "
+                "a new run (dashrl train without --resume)."
+            )
+        train_s = self.tracker.history("time/train_s")
+        self.train_seconds = max(self.train_seconds, train_s[max(train_s)] if train_s else 0.0)
 
     def budget_spent(self) -> bool:
         cfg = self.config
@@ -219,6 +256,7 @@ class TrainingRun:
                 cache.put_dir(self.save_policy(tmp), "model")
             cache.write_json("done.json", {"losses": losses})
         self.sync()
+        self.warm = True
         return {"warmup/loss": losses[-1], "warmup/steps": len(losses), "time/warmup_s": time.perf_counter() - start}
 
     def _warmup_cache(self) -> RunStore:
@@ -317,8 +355,7 @@ class TrainingRun:
             "advantage": advantages.tolist(),
             "kept": kept.tolist(),
         }
-        manifest = self.store.write_batch(rollouts.iteration, columns)
-        return manifest, {
+        metrics = {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(gens) > 1 else 0.0,
             "train/kept_fraction": kept.float().mean().item(),
@@ -327,6 +364,7 @@ class TrainingRun:
             "gen/length_mean": sum(len(g.token_ids) for g in gens) / len(gens),
             "samples/total": self.samples_total + len(gens),
         } | ({"sampler/servers": len(self.sampler.servers)} if hasattr(self.sampler, "servers") else {})
+        return self.store.write_batch(rollouts.iteration, columns, metrics), metrics
 
     def learn(self, manifest: BatchManifest) -> dict[str, float]:
         """Request the kept samples from the store chunk by chunk; one optimizer step (K for ppo_*)."""
@@ -403,6 +441,20 @@ class TrainingRun:
         self.checkpoint()
         self.checkpointer.wait()
 
+    @property
+    def eval_key(self) -> str:
+        """A metric every evaluation logs: the steps MLflow holds evaluations for."""
+        return f"eval/{next(iter(self.eval_sets))}/accuracy"
+
+    def evaluation_due(self) -> bool:
+        """The current iteration is an evaluation point (the start, every eval.every, the end) not yet evaluated."""
+        cfg = self.config
+        point = self.iteration % cfg.eval.every == 0 or self.iteration >= cfg.iterations or self.budget_spent()
+        return point and self.iteration not in self.evaluated
+
     def log(self, metrics: dict[str, float], step: int) -> None:
         self.tracker.log_metrics(metrics, step)
-        self.logged_step = step
+        if ITERATION_KEY in metrics:
+            self.logged.add(step)
+        if self.eval_key in metrics:
+            self.evaluated.add(step)

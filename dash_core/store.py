@@ -2,7 +2,8 @@
 
 Each iteration's batch is written once, as one Parquet file plus a JSON manifest. Files are written under a
 temporary name and moved into place, and the manifest goes last, so a batch is complete exactly when its manifest
-exists. Kept samples come first in the file, so the learner reads them back by chunk and never touches the rest;
+exists. The store is the run's write-ahead log: a batch holds everything its update needs, so a resumed run
+replays the updates of the batches newer than its checkpoint instead of sampling them again. Kept samples come first in the file, so the learner reads them back by chunk and never touches the rest;
 the filtered ones stay in the file for inspection.
 """
 
@@ -12,7 +13,7 @@ import json
 import posixpath
 import uuid
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,13 +24,14 @@ import pyarrow.parquet as pq
 
 @dataclass(frozen=True)
 class BatchManifest:
-    """What the learner needs to request a batch: cheap to pass between tasks and to persist."""
+    """What the learner needs to request a batch, and the iteration's scores (logged again if a crash lost them)."""
 
     iteration: int
     path: str
     rows: int
     kept: int
     reward_mean: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 
 class RunStore:
@@ -78,7 +80,7 @@ class RunStore:
             self.fs.get_file(remote, str(Path(local) / posixpath.basename(remote)))
 
     # -- rollout batches ---------------------------------------------------------------------------------------
-    def write_batch(self, iteration: int, columns: dict[str, list]) -> BatchManifest:
+    def write_batch(self, iteration: int, columns: dict[str, list], metrics: dict[str, float] | None = None) -> BatchManifest:
         """`columns` must hold a boolean `kept` and a numeric `reward` column; kept rows are written first."""
         table = pa.table(columns)
         table = table.take(pa.array(sorted(range(table.num_rows), key=lambda i: not columns["kept"][i])))
@@ -87,15 +89,17 @@ class RunStore:
         pq.write_table(table, sink)
         self.write_bytes(relpath, sink.getvalue().to_pybytes())
         rewards = columns["reward"]
-        manifest = BatchManifest(iteration, relpath, table.num_rows, sum(columns["kept"]), sum(rewards) / len(rewards))
+        manifest = BatchManifest(iteration, relpath, table.num_rows, sum(columns["kept"]), sum(rewards) / len(rewards), metrics or {})
         self.write_json(f"rollouts/iter_{iteration:06d}/manifest.json", asdict(manifest))
         return manifest
 
+    def has_batch(self, iteration: int) -> bool:
+        return self.exists(f"rollouts/iter_{iteration:06d}/manifest.json")
+
     def manifest(self, iteration: int) -> BatchManifest:
-        relpath = f"rollouts/iter_{iteration:06d}/manifest.json"
-        if not self.exists(relpath):
+        if not self.has_batch(iteration):
             raise FileNotFoundError(f"no complete rollout batch for iteration {iteration} in {self.url}")
-        return BatchManifest(**self.read_json(relpath))
+        return BatchManifest(**self.read_json(f"rollouts/iter_{iteration:06d}/manifest.json"))
 
     def read_batch(self, iteration: int) -> pa.Table:
         with self.fs.open(self.path(self.manifest(iteration).path), "rb") as f:

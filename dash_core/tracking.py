@@ -71,6 +71,11 @@ class Tracker:
         metrics = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self._in_flight.append(self.client.log_batch(self.run_id, metrics=metrics, synchronous=False))
 
+    def history(self, key: str) -> dict[int, float]:
+        """The values of `key` by step, as stored (what a resumed run must not log again)."""
+        self.flush()
+        return {m.step: m.value for m in self.client.get_metric_history(self.run_id, key)}
+
     def flush(self) -> None:
         """Wait until every metric logged so far is stored."""
         in_flight, self._in_flight = self._in_flight, []

@@ -185,13 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 2
     from dash_core.learner import NonFiniteLossError
-    from dash_core.run import EverythingFilteredError
+    from dash_core.run import EverythingFilteredError, ResumeError
 
     _show_dash_logs()
 
     try:
         _run(args, config)
-    except (ConfigError, NonFiniteLossError, EverythingFilteredError, OSError, ValueError) as exc:
+    except (ConfigError, NonFiniteLossError, EverythingFilteredError, ResumeError, OSError, ValueError) as exc:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -30,12 +30,12 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
             if config.sampler.backend == "remote" and config.sampler.remote.launch:
                 servers = launch_servers(run)
             sync_weights(run)  # samplers holding their own weights (servers given by URL, a resumed run) catch up
-            if run.iteration == 0:
-                if config.warmup.steps:
-                    run.log(warm_up(run), 0)
-                scores = evaluate(run, 0)
-                run.log(scores, 0)
-                progress.evaluation(0, scores)
+            if config.warmup.steps and not run.warm:
+                run.log(warm_up(run), 0)
+            if run.evaluation_due():  # the start, or an evaluation a crash interrupted
+                scores = evaluate(run, run.iteration)
+                run.log(scores, run.iteration)
+                progress.evaluation(run.iteration, scores)
             with progress, steady_heap():
                 while run.iteration < config.iterations and not run.budget_spent():
                     next_eval = min((run.iteration // config.eval.every + 1) * config.eval.every, config.iterations)
@@ -72,7 +72,7 @@ def _save_what_is_learned(run: TrainingRun) -> None:
     except Exception:
         log.exception("could not save a checkpoint after the failure; resume starts after iteration %d", run.checkpointed)
     try:
-        if run.iteration > run.logged_step:  # the last complete update's sync or logging did not finish
+        if run.iteration and run.iteration not in run.logged:  # the last complete update's sync or logging failed
             run.log(run.metrics, run.iteration)
     except Exception:
         log.exception("could not log the metrics of iteration %d after the failure", run.iteration)

@@ -2,12 +2,14 @@
 leaves the previous checkpoint in force."""
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 
+import pytest
 import torch
 from helpers import TINY
 
@@ -100,3 +102,69 @@ def test_checkpoints_by_iterations_or_by_minutes(tmp_path, small_config):
     assert checkpoints(2, None) == ["iter_000002", "iter_000003"]  # every 2nd, and the final state
     assert checkpoints(None, 1e-9) == ["iter_000001", "iter_000002", "iter_000003"]  # time is always up
     assert checkpoints(None, 60) == ["iter_000003"]  # only the final state
+
+
+def corrupt_model(folder):
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def garble_model(folder):
+    path = folder / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4096:] = os.urandom(4096)  # same size, different weights: only the checksum can tell
+    path.write_bytes(bytes(data))
+
+
+def truncate_state(folder):
+    path = folder / "trainer_state.pt"
+    path.write_bytes(path.read_bytes()[:100])
+
+
+def write_pointer(text):
+    return lambda folder: (folder.parent / "latest.json").write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("damage", "loaded", "warning"),
+    [
+        (corrupt_model, 1, "model.safetensors does not match its checksum"),
+        (garble_model, 1, "model.safetensors does not match its checksum"),
+        (truncate_state, 1, "trainer_state.pt does not match its checksum"),
+        (lambda folder: (folder / "manifest.json").unlink(), 1, "no manifest: its write never finished"),
+        (lambda folder: shutil.rmtree(folder), 1, "does not point at the newest valid checkpoint"),
+        (write_pointer(""), 2, "latest.json (unreadable"),
+        (write_pointer("{garbled"), 2, "latest.json (unreadable"),
+        (write_pointer('{"iteration": 5, "path": "checkpoints/iter_000002"}'), 2, "does not point at the newest valid"),
+    ],
+    ids=["truncated weights", "garbage in weights", "truncated trainer state", "unfinished write", "pointer to a deleted folder",
+         "empty pointer", "garbled pointer", "wrong iteration in pointer"],
+)
+def test_a_damaged_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, caplog, damage, loaded, warning):
+    policy, tokenizer = load_policy(TINY)
+    store = RunStore(str(tmp_path / "store"), "run")
+    checkpointer = Checkpointer(store, tokenizer, keep=2)
+    weights = {}
+    for iteration in (1, 2):
+        with torch.no_grad():
+            for param in policy.parameters():
+                param.add_(iteration)
+        weights[iteration] = {k: v.clone() for k, v in policy.state_dict().items()}
+        checkpointer.save(iteration, policy, {"samples_total": iteration})
+        checkpointer.wait()
+    damage(tmp_path / "store" / "run" / "checkpoints" / "iter_000002")
+    checkpoint = load_latest(store, tmp_path / "restored")
+    assert checkpoint.iteration == loaded and checkpoint.trainer_state["samples_total"] == loaded
+    assert all(torch.equal(weights[loaded][k], v) for k, v in weights_of(checkpoint.model_dir).items())
+    assert warning in caplog.text
+
+
+def test_a_checkpoint_from_before_manifests_still_loads(tmp_path, caplog):
+    policy, tokenizer = load_policy(TINY)
+    store = RunStore(str(tmp_path / "store"), "run")
+    checkpointer = Checkpointer(store, tokenizer, keep=2)
+    checkpointer.save(3, policy, {})
+    checkpointer.wait()
+    (tmp_path / "store" / "run" / "checkpoints" / "iter_000003" / "manifest.json").unlink()
+    assert load_latest(store, tmp_path / "restored").iteration == 3
+    assert "predates checksums" in caplog.text
