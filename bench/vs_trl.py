@@ -83,9 +83,8 @@ def run_dash(args: argparse.Namespace) -> dict[str, Any]:
          "reward": reward.value}
         for cycle, sample, learn, reward in zip(*history.values(), strict=True)
     ]  # fmt: skip
-    model_dir = tempfile.mkdtemp(prefix="dash-final-")
-    load_latest(RunStore(config.store.url, run.info.run_id), model_dir)
-    return {"steps": steps, "loop_start": steps[0]["end"] - cycles[0].value, "model_dir": model_dir}
+    final = load_latest(RunStore(config.store.url, run.info.run_id), tempfile.mkdtemp(prefix="dash-final-"))
+    return {"steps": steps, "loop_start": steps[0]["end"] - cycles[0].value, "model_dir": str(final.model_dir)}
 
 
 # -- TRL ----------------------------------------------------------------------------------------------------------
@@ -114,7 +113,7 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     rewards: list[float] = []
 
     def exact_answer(prompts: list[str], completions: list[str], index: list[int], **_: Any) -> list[float]:
-        scores = grade([problems[i] for i in index], completions)
+        scores = grade([problems[i] for i in index], completions).rewards
         rewards.append(sum(scores) / len(scores))
         return scores
 

@@ -140,7 +140,8 @@ def _fingerprint(path: Path) -> dict[str, Any]:
 
 
 def load_latest(store: RunStore, local_dir: str | Path) -> Checkpoint | None:
-    """Copy the newest checkpoint that proves itself to `local_dir`; None when the run has none.
+    """Copy the newest checkpoint that proves itself into a folder of `local_dir` (its `model_dir`); None when the
+    run has none.
 
     Newer checkpoints that fail their manifest are skipped with a warning naming the problem."""
     names = sorted((Path(p).name for p in _listing(store) if Path(p).name.startswith("iter_")), reverse=True)

@@ -45,8 +45,8 @@ def evaluate(
     n = sampling.n
     greedy = sampler.generate(prompt_ids, replace(sampling, n=1, temperature=0.0))
     sampled = sampler.generate(prompt_ids, sampling)
-    greedy_scores = grade(problems, [g.text for g in greedy])
-    sampled_scores = grade([p for p in problems for _ in range(n)], [g.text for g in sampled])
+    greedy_scores = grade(problems, [g.text for g in greedy]).rewards
+    sampled_scores = grade([p for p in problems for _ in range(n)], [g.text for g in sampled]).rewards
     rows = []
     for i, problem in enumerate(problems):
         scores = sampled_scores[i * n : (i + 1) * n]

@@ -21,11 +21,12 @@ import torch
 from dash_core.advantages import gradient_filter, group_advantages
 from dash_core.checkpoint import Checkpointer, load_latest, set_rng_state
 from dash_core.config import DashConfig
-from dash_core.data import Problem, build_task, eval_sets
+from dash_core.data import Problem, Task
 from dash_core.evaluation import eval_sampling, evaluate, evaluate_sets
 from dash_core.grading import grade
 from dash_core.learner import Learner, LearnStats, NonFiniteLossError
 from dash_core.models import load_policy, save_model
+from dash_core.preflight import check_run
 from dash_core.prompts import encode_prompts
 from dash_core.rules import optimizer_steps
 from dash_core.samplers import Generation, Sampler, SamplingParams, build_sampler
@@ -71,14 +72,21 @@ class Rollouts:
 
 
 class TrainingRun:
-    def __init__(self, config: DashConfig, tracker: Tracker, store: RunStore, checkpoint_dir: str | None = None):
+    def __init__(
+        self,
+        config: DashConfig,
+        tracker: Tracker,
+        store: RunStore,
+        data: tuple[Task, dict[str, list[Problem]]],
+        checkpoint_dir: str | None = None,
+    ):
+        """`data`: the training task and the evaluation sets, as `check_run` loaded them."""
         self.config = config
         self.tracker = tracker
         self.store = store
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.task = build_task(config.task, config.seed)
-        self.eval_sets = eval_sets(config, self.task)
+        self.task, self.eval_sets = data
         self.policy, self.tokenizer = load_policy(config.model, config.seed, path=checkpoint_dir)
         self.sync_dir = self._sync_dir()
         self.sampler = build_sampler(config.sampler, self.policy, self.tokenizer, config.seed, self.sync_dir)
@@ -137,22 +145,25 @@ class TrainingRun:
 
     @classmethod
     def start(cls, config: DashConfig) -> TrainingRun:
+        """A new run; a bad model, data file, device, store or tracking URI fails before anything is created."""
         config.require_standalone()
+        data = check_run(config)
         tracker = Tracker.create(config)
         with tracker.failing():
             store = RunStore(config.store.url, tracker.run_id, config.store.storage_options)
             store.write_bytes("config.yaml", config.to_yaml().encode())
-            return cls(config, tracker, store)
+            return cls(config, tracker, store, data)
 
     @classmethod
     def resume(cls, config: DashConfig, run_id: str) -> TrainingRun:
         """Continue `run_id`: restore its newest valid checkpoint (or its start), then replay the updates of the
         rollout batches stored since, so no completed iteration is lost and none is logged twice."""
+        data = check_run(config)
         tracker = Tracker.reopen(config.tracking, run_id)
         store = RunStore(config.store.url, run_id, config.store.storage_options)
         with tempfile.TemporaryDirectory() as tmp, tracker.failing():
             checkpoint = load_latest(store, tmp)
-            run = cls(config, tracker, store, checkpoint_dir=str(checkpoint.model_dir) if checkpoint else None)
+            run = cls(config, tracker, store, data, checkpoint_dir=str(checkpoint.model_dir) if checkpoint else None)
             run.logged = set(tracker.history(ITERATION_KEY))
             run.evaluated = set(tracker.history(run.eval_key))
             if checkpoint:
@@ -334,7 +345,8 @@ class TrainingRun:
         group, algo = rollouts.group, self.config.algo
         problems = [p for p in rollouts.problems for _ in range(group)]
         gens = rollouts.generations
-        rewards = torch.tensor(grade(problems, [g.text for g in gens]), dtype=torch.float32)
+        grades = grade(problems, [g.text for g in gens])
+        rewards = torch.tensor(grades.rewards, dtype=torch.float32)
         if algo.rule == "sft":
             advantages = torch.ones_like(rewards)
             kept = rewards >= 0.5 if algo.sft_source == "teacher" else torch.ones_like(rewards, dtype=torch.bool)
@@ -358,6 +370,7 @@ class TrainingRun:
         metrics = {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(gens) > 1 else 0.0,
+            "reward/cut_off": float(grades.cut_off),
             "train/kept_fraction": kept.float().mean().item(),
             "train/abs_adv_mean": advantages.abs().mean().item(),
             "train/abs_adv_kept_mean": advantages[kept].abs().mean().item() if kept.any() else 0.0,

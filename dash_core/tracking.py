@@ -8,11 +8,13 @@ failed), and runs at every artifact, evaluation and at the end.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 from mlflow.entities import Metric, Param, RunStatus
@@ -26,9 +28,31 @@ log = logging.getLogger(__name__)
 CONFIG_ARTIFACT = "config.yaml"
 
 
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` tracking URI (relative to the working directory with three slashes)."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def client(uri: str) -> MlflowClient:
+    """A client whose database is ready. MLflow creates a sqlite database's tables on first use, and two processes
+    doing that at once leave it broken for good, so the first use holds a lock file beside the database."""
+    check_reachable(uri)
+    path = sqlite_path(uri)
+    if path is None:
+        return MlflowClient(tracking_uri=uri)
+    with open(f"{path}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            mlflow = MlflowClient(tracking_uri=uri)
+            mlflow.search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    return mlflow
+
+
 class Tracker:
-    def __init__(self, cfg: TrackingConfig, run_id: str):
-        self.client = MlflowClient(tracking_uri=cfg.uri)
+    def __init__(self, mlflow: MlflowClient, run_id: str):
+        self.client = mlflow
         self.run_id = run_id
         self._in_flight: list[RunOperations] = []
 
@@ -39,26 +63,26 @@ class Tracker:
         if tracking.parent_run_id:
             tags |= {"mlflow.parentRunId": tracking.parent_run_id, "dash.preset": tracking.run_name or ""}
         tracker = cls.new_run(tracking, tracking.run_name, tags)
-        client = tracker.client
         params = [Param(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value)) for key, value in config.flat().items()]
         for start in range(0, len(params), 100):
-            client.log_batch(tracker.run_id, params=params[start : start + 100])
+            tracker.client.log_batch(tracker.run_id, params=params[start : start + 100])
         tracker.log_text(config.to_yaml(), CONFIG_ARTIFACT)
         return tracker
 
     @classmethod
     def new_run(cls, cfg: TrackingConfig, name: str | None, tags: dict[str, str]) -> Tracker:
         """A run in `cfg.experiment` (created when missing), without params: e.g. a sweep's parent run."""
-        check_reachable(cfg.uri)
-        client = MlflowClient(tracking_uri=cfg.uri)
-        experiment = client.get_experiment_by_name(cfg.experiment)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(cfg.experiment)
-        return cls(cfg, client.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
+        mlflow = client(cfg.uri)
+        experiment = mlflow.get_experiment_by_name(cfg.experiment)
+        try:
+            experiment_id = experiment.experiment_id if experiment else mlflow.create_experiment(cfg.experiment)
+        except MlflowException:  # a run started at the same time created it
+            experiment_id = mlflow.get_experiment_by_name(cfg.experiment).experiment_id
+        return cls(mlflow, mlflow.create_run(experiment_id, run_name=name, tags=tags).info.run_id)
 
     @classmethod
     def reopen(cls, cfg: TrackingConfig, run_id: str) -> Tracker:
-        check_reachable(cfg.uri)
-        tracker = cls(cfg, run_id)
+        tracker = cls(client(cfg.uri), run_id)
         try:
             tracker.client.get_run(run_id)
         except MlflowException as exc:
@@ -97,12 +121,12 @@ class Tracker:
 
     @contextmanager
     def failing(self) -> Iterator[None]:
-        """An error in the block ends the run as FAILED (KILLED on Ctrl-C) instead of leaving it RUNNING."""
+        """An error in the block ends the run as FAILED (KILLED when stopped: Ctrl-C, SIGTERM) instead of RUNNING."""
         try:
             yield
         except BaseException as exc:
             try:
-                self.finish("KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+                self.finish("FAILED" if isinstance(exc, Exception) else "KILLED")
             except Exception:  # the original error is the one to report
                 log.exception("could not mark MLflow run %s as ended", self.run_id)
             raise
@@ -123,11 +147,10 @@ def check_reachable(uri: str) -> None:
 
 def run_config(cfg: TrackingConfig, run_id: str) -> str:
     """The YAML config a run was started with, for `--resume`."""
-    check_reachable(cfg.uri)
-    client = MlflowClient(tracking_uri=cfg.uri)
+    mlflow = client(cfg.uri)
     try:
-        client.get_run(run_id)
-        path = client.download_artifacts(run_id, CONFIG_ARTIFACT)
+        mlflow.get_run(run_id)
+        path = mlflow.download_artifacts(run_id, CONFIG_ARTIFACT)
     except MlflowException as exc:
         raise ConfigError(f"cannot resume run {run_id!r} from {cfg.uri}: {exc.message}") from None
     with open(path) as f:

@@ -102,6 +102,15 @@ def resolve_config(args: argparse.Namespace) -> DashConfig:
         config = load_config(args.config, overrides, base=base)
     if args.command == "train":
         config.require_standalone()
+        from dash_core.preflight import check_run
+
+        check_run(config)  # before Prefect starts: one line per bad input, no flow-run traceback
+    elif args.command == "eval":
+        from dash_core.preflight import check_device, check_model, check_tracking
+
+        check_model(config.model)
+        check_device(config.model.device)
+        check_tracking(config.tracking)
     return config
 
 
@@ -186,11 +195,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dash_core.learner import NonFiniteLossError
     from dash_core.run import EverythingFilteredError, ResumeError
+    from flows.prefect_api import prefect_api
 
     _show_dash_logs()
 
     try:
-        _run(args, config)
+        with prefect_api():
+            _run(args, config)
     except (ConfigError, NonFiniteLossError, EverythingFilteredError, ResumeError, OSError, ValueError) as exc:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 1

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from dash_core.config import DashConfig
 from dash_core.evaluation import EvalResult, evaluate_model
+from dash_core.preflight import check_device, check_model
 from dash_core.tracking import Tracker
 
 
@@ -21,6 +22,8 @@ def evaluate_model_task(config: DashConfig) -> dict[str, EvalResult]:
 @flow(name="dash-eval")
 def dash_eval(config: DashConfig, out_dir: str = "eval_results") -> dict[str, float]:
     """Metrics of every set; per-problem JSONL under `out_dir/<run id>/` and in the MLflow run."""
+    check_model(config.model)
+    check_device(config.model.device)
     tracker = Tracker.create(config, tags={"dash.kind": "eval", "dash.model": config.model.name})
     with tracker.failing():
         results = evaluate_model_task(config)

@@ -47,9 +47,10 @@ def preset_config(name: str, configs: list[str], overrides: list[str], parent: T
 def final_checkpoint(config: DashConfig, run_id: str) -> str:
     """A local copy of a finished run's last checkpoint (what `sweep:<preset>` teachers load)."""
     folder = tempfile.mkdtemp(prefix=f"dash-teacher-{run_id[:8]}-")
-    if load_latest(RunStore(config.store.url, run_id, config.store.storage_options), folder) is None:
+    checkpoint = load_latest(RunStore(config.store.url, run_id, config.store.storage_options), folder)
+    if checkpoint is None:
         raise FileNotFoundError(f"run {run_id} has no checkpoint to serve as a teacher")
-    return folder
+    return str(checkpoint.model_dir)
 
 
 @task(name="report", cache_policy=NO_CACHE, persist_result=False)

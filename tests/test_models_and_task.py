@@ -53,7 +53,7 @@ def test_arithmetic_answers_and_checker():
     problem = task.train_problems(0, 1)[0]
     assert problem.kind == "exact"
     wrong = "0000" if problem.answer != "0000" else "1"
-    assert grade([problem] * 3, [problem.answer, f" {problem.answer}\n", wrong]) == [1.0, 1.0, 0.0]
+    assert grade([problem] * 3, [problem.answer, f" {problem.answer}\n", wrong]).rewards == [1.0, 1.0, 0.0]
 
 
 def test_too_few_heldout_problems_is_an_error_not_a_hang():

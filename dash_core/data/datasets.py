@@ -98,19 +98,34 @@ DATASETS: dict[str, DatasetSpec] = {
 
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Rows of a jsonl / jsonl.gz / json-lines / parquet file, or of every such file in a folder (sorted)."""
-    path = Path(path)
+    return [row for _, row in _located_records(Path(path))]
+
+
+def _located_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(file:line, row) pairs, so that a bad row can be named where the user can fix it."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.name.endswith(SUFFIXES))
         if not files:
             raise FileNotFoundError(f"no {', '.join(SUFFIXES)} files in {path}")
-        return [row for file in files for row in read_records(file)]
+        return [record for file in files for record in _located_records(file)]
     if not path.is_file():
         raise FileNotFoundError(f"dataset file not found: {path}")
     if path.name.endswith(".parquet"):
-        return pq.read_table(path).to_pylist()
+        return [(f"{path} row {i + 1}", row) for i, row in enumerate(pq.read_table(path).to_pylist())]
     opener = gzip.open if path.name.endswith(".gz") else open
+    records = []
     with opener(path, "rt", encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{path}:{number}: not a JSON object ({exc.msg}); fix or remove that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path}:{number}: a JSON {type(row).__name__}, not an object with the set's fields")
+            records.append((f"{path}:{number}", row))
+    return records
 
 
 def hub_records(name: str, spec: DatasetSpec, split: str) -> list[dict[str, Any]]:
@@ -139,8 +154,18 @@ def load_problems(
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     spec = DATASETS[name]
     split = split or spec.default_split
-    records = read_records(path) if path else hub_records(name, spec, split)
-    problems = [p for i, row in enumerate(records) if spec.in_split(row, split) and (p := spec.to_problem(row, i))]
+    if path:
+        records = _located_records(Path(path))
+    else:
+        records = [(f"{spec.hub} row {i + 1}", row) for i, row in enumerate(hub_records(name, spec, split))]
+    problems = []
+    for i, (where, row) in enumerate(records):
+        try:
+            if spec.in_split(row, split) and (problem := spec.to_problem(row, i)):
+                problems.append(problem)
+        except (KeyError, TypeError, ValueError) as exc:
+            fields = f"field {exc}" if isinstance(exc, KeyError) else f"value ({exc})"
+            raise ValueError(f"{where}: a {name!r} row with a missing or malformed {fields}") from None
     if not problems:
         raise ValueError(f"no {name!r} problems in split {split!r} of {path or spec.hub}")
     if size is not None and size < len(problems):

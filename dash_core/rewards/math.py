@@ -2,16 +2,21 @@ r"""Math reward: the last \boxed{} answer of a completion against a MATH (LaTeX)
 
 Equivalence follows the field's graders (Hendrycks MATH `is_equiv`, PRM800K `grade_answer`, math-verify), cheapest
 step first:
-1. Both answers are normalised to a canonical string (spacing, \left/\right, \dfrac, \text{} and unit words,
-   degrees, percent, dollars, a leading "x =", \frac12, .5, 1,000) and compared. Most correct answers stop here.
+1. Both answers are normalised (spacing, \left/\right, \dfrac, \text{} and unit words, a leading "the answer is",
+   degrees, percent, dollars, Unicode minus signs and dashes, a leading "x =" or "AB =", \frac12, .5, 1,000 and
+   1 000). A box holds an answer, not a derivation or a hedge, so an answer with a relation, approximation, arrow
+   or "or" sign of a kind the reference lacks is wrong, even a true "8/2 = 4" (math-verify would compare only the
+   last side of "3 = 4", "x \approx 2" or "3 \to 4"), and so are digits set apart ("1 0" is not 10). The rest are
+   compared as canonical strings. Most correct answers stop here.
 2. A text reference ("\text{Monday}", "even") is compared as a string only, ignoring case: sympy would read
    "Monday" as a product of commuting symbols, equal to "yadnoM".
 3. Two plain rational numbers (integers, decimals, fractions) are compared exactly, as MATH and PRM800K do:
    0.3333333 is not 1/3. Most wrong answers stop here.
 4. Anything else goes to math-verify's symbolic check in a long-lived worker process that is killed when it
-   overruns `timeout_s`: sympy can hang on answers like 10^{10^{10^{10}}}, math-verify's own timeouts use signals
-   (main thread only), and a thread cannot be stopped. A timeout or a crash counts as wrong. Answers longer than
-   `_MAX_ANSWER_CHARS` skip all of this and only count when identical to the reference.
+   overruns `timeout_s` or a batch's `deadline`: sympy can hang on answers like 10^{10^{10^{10}}}, math-verify's
+   own timeouts use signals (main thread only), and a thread cannot be stopped. A check so cut off, or a crash,
+   counts as wrong; `math_verdict` tells the cut-off ones apart. Answers longer than `_MAX_ANSWER_CHARS` skip all
+   of this and only count when identical to the reference.
 Equality is of values, so an unreduced \frac{2}{4} equals \frac{1}{2} (as in math-verify; PRM800K refuses it).
 Workers are plain subprocesses, not multiprocessing children, so grading works from any thread, from daemonic
 multiprocessing workers, and after a fork (a forked child starts its own workers).
@@ -32,6 +37,7 @@ from fractions import Fraction
 _MAX_ANSWER_CHARS = 1000  # no real answer is longer; longer ones are only compared verbatim
 _WORKER_STARTUP_S = 120.0  # importing sympy on a loaded machine; not part of any answer's time bound
 _WORKER_MEMORY_BYTES = 2 << 30
+_NO_DEADLINE = float("inf")
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _SPACING = re.compile(r"(?<!\\)\\[!,;: ]|\\q?quad(?![a-zA-Z])|~")
@@ -49,7 +55,22 @@ _UNIT_WORDS = (
 _UNITS = re.compile(
     rf"(?<=[\d}}.])\s*(?:(?:square|sq\.?|cubic)\s*)?(?:{_UNIT_WORDS})(?:\s*\^\s*\{{?[23]\}}?)?\s*$", re.IGNORECASE
 )
-_VARIABLE = re.compile(r"^\s*(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)")
+# Names on the left of a single "=" or \in: x, a_1, \theta, AB, f(x), P(A), \angle ABC, m\angle B, (x, y).
+_NAME = r"(?:m?\\angle\s*)?(?:[a-zA-Z]|\\[a-zA-Z]+)+(?:_\{?\w+\}?)?(?:\([a-zA-Z,\s]*\))?|\([a-zA-Z,\s]+\)"
+_VARIABLE = re.compile(rf"^\s*(?:{_NAME})\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)")
+_PREAMBLE = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*(?=\S)", re.IGNORECASE)
+_MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2212\ufe63\uff0d", "-"))  # dashes too
+_SPACED_THOUSANDS = re.compile(r"(?<![\d.])\d{1,3}(?:\s+\d{3})+(?!\d)")
+_SPLIT_DIGITS = re.compile(r"\d\s+\d")
+_APPROXIMATE = re.compile(
+    r"[≈∼≃≅≐]|\\(?:approx|approxeq|thickapprox|sim|simeq|thicksim|cong|doteq|lesssim|gtrsim)(?![a-zA-Z])"
+)
+_RELATION = re.compile(  # relations, arrows, "or" and "and", line breaks: whatever joins two answers into one
+    rf"{_APPROXIMATE.pattern}|[=<>≠≤≥⩽⩾≡∝→⇒⟹↦∨∧|]|\\\\"
+    r"|\\(?:ne|neq|le|leq|leqslant|lt|ll|ge|geq|geqslant|gt|gg|equiv|propto|in|notin|ni|subset|subseteq|supset"
+    r"|supseteq|to|gets|mapsto|implies|impliedby|iff|(?:[lL]ong)?(?:[rR]ight|[lL]eft|[lL]eftright)arrow|lor|land"
+    r"|vee|wedge|mid|vert|lvert|rvert|Vert|lVert|rVert)(?![a-zA-Z])"
+)
 _FRAC_DIGITS = re.compile(r"\\frac(\d)(\d)")
 _FRAC_FIRST = re.compile(r"\\frac(\w)(?=\{)")
 _FRAC_SECOND = re.compile(r"\\frac(\{[^{}]*\})(\w)")
@@ -66,6 +87,14 @@ _DEPTH_CHANGE = {"{": 1, "}": -1}
 
 def math_reward(completion: str, answer: str, timeout_s: float = 5.0) -> float:
     """1.0 when the completion's last boxed answer equals the reference `answer` (MATH or GSM8K), else 0.0."""
+    verdict = math_verdict(completion, answer, timeout_s)
+    return 0.0 if verdict is None else verdict
+
+
+def math_verdict(completion: str, answer: str, timeout_s: float = 5.0, deadline: float = _NO_DEADLINE) -> float | None:
+    """math_reward's reward, or None when the symbolic check was cut off: it overran `timeout_s`, or `deadline` (in
+    time.monotonic() seconds) passed first. A batch shares one deadline to bound its grading time, and counts the
+    cut-off answers apart from the wrong ones because their rise means a policy drifting to pathological answers."""
     boxed, reference = extract_boxed(completion), reference_answer(answer)
     if boxed is None:
         return 0.0
@@ -73,7 +102,7 @@ def math_reward(completion: str, answer: str, timeout_s: float = 5.0) -> float:
         return float(boxed == reference)
     gold, pred = _clean(reference), _clean(boxed)
     gold_key, pred_key = _canonical(gold), _canonical(pred)
-    if not pred_key:
+    if not pred_key or _refused(gold, pred):
         return 0.0
     if gold_key == pred_key:
         return 1.0
@@ -82,7 +111,8 @@ def math_reward(completion: str, answer: str, timeout_s: float = 5.0) -> float:
     gold_value, pred_value = _rational(gold_key), _rational(pred_key)
     if gold_value is not None and pred_value is not None:
         return float(gold_value == pred_value)
-    return float(_workers.equal(gold, pred, timeout_s))
+    equal = _workers.equal(gold, pred, timeout_s, deadline)
+    return None if equal is None else float(equal)
 
 
 def extract_boxed(text: str) -> str | None:
@@ -117,19 +147,28 @@ def reference_answer(text: str) -> str:
 
 def _clean(answer: str) -> str:
     """Drop what does not change the value, keeping valid LaTeX (this is what math-verify parses)."""
-    s = answer.replace("\n", " ").replace("\u2212", "-")  # Unicode minus
+    s = re.sub(r"\s+", " ", answer.translate(_MINUS_SIGNS))  # newlines, no-break and thin spaces too
     s = _SPACING.sub(" ", s)
     s = _FRAC_STYLE.sub(r"\\frac", s)
     s = _SIZING.sub("", s)
     s = _UNIT_TEXT.sub("", s)
     for _ in range(3):  # \text{\textbf{...}}
         s = _TEXT.sub(r"\1", s)
+    s = _PREAMBLE.sub("", s.strip())
     s = _DEGREES.sub("", s)
     s = _PERCENT_OR_DOLLAR.sub("", s)
     s = _UNITS.sub("", s.strip().rstrip("."))
     if s.count("=") <= 1:  # "x = 3" but not "x = 3, y = 4"
         s = _VARIABLE.sub("", s)
+    s = _SPACED_THOUSANDS.sub(lambda match: re.sub(r"\s", "", match.group()), s)  # 1 000 and 1\,000
     return s.strip().rstrip(".").strip()
+
+
+def _refused(gold: str, pred: str) -> bool:
+    r"""Wrong answers that would pass for a part of them: math-verify reads just the last side of a relation ("3 = 4",
+    "x \approx 2", "3 \to 4" as 4 or 2), and the canonical key drops the space in "1 0"."""
+    unclaimed = any(sign.search(pred) and not sign.search(gold) for sign in (_RELATION, _APPROXIMATE))
+    return unclaimed or _SPLIT_DIGITS.search(pred) is not None
 
 
 def _canonical(clean: str) -> str:
@@ -187,15 +226,14 @@ class _Worker:
             self.kill()
             raise RuntimeError("the math-verify worker did not start (is math-verify installed?)")
 
-    def equal(self, gold: str, pred: str, timeout_s: float) -> bool | None:
-        """The verdict, or None when the worker overran or died (it must then be killed)."""
+    def ask(self, gold: str, pred: str, until: float) -> bytes | None:
+        """The reply line, or None when the worker died or did not answer by `until` (it must then be killed)."""
         try:
             self._proc.stdin.write(json.dumps([gold, pred]).encode() + b"\n")
             self._proc.stdin.flush()
         except OSError:
             return None
-        reply = _read_line(self._proc.stdout, time.monotonic() + timeout_s)
-        return None if reply is None else reply == b"1\n"
+        return _read_line(self._proc.stdout, until)
 
     def kill(self) -> None:
         self._proc.kill()
@@ -213,22 +251,36 @@ class _Workers:
         self._running = 0
         self._changed = threading.Condition()
 
-    def equal(self, gold: str, pred: str, timeout_s: float) -> bool:
-        worker = self._take()
-        verdict = None
-        try:
-            verdict = worker.equal(gold, pred, timeout_s)
-        finally:
-            self._give_back(worker, healthy=verdict is not None)
-        return bool(verdict)
+    def equal(self, gold: str, pred: str, timeout_s: float, deadline: float) -> bool | None:
+        """The verdict, or None when the check overran `timeout_s` or `deadline`, waiting for a worker included.
 
-    def _take(self) -> _Worker:
+        A worker that died counts as a wrong answer, not a cut-off one: a retry would only crash again."""
+        worker = self._take(deadline)
+        if worker is None:
+            return None
+        until = min(time.monotonic() + timeout_s, deadline)
+        reply = None
+        try:
+            reply = worker.ask(gold, pred, until)
+        finally:
+            self._give_back(worker, healthy=reply is not None)
+        if reply is None:
+            return None if time.monotonic() >= until else False
+        return reply == b"1\n"
+
+    def _take(self, deadline: float) -> _Worker | None:
+        """An idle or a new worker, or None once `deadline` has passed (starting a worker is not bounded by it)."""
         with self._changed:
-            while not self._idle and self._running >= self._size:
-                self._changed.wait()
-            if self._idle:
-                return self._idle.pop()
-            self._running += 1
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return None
+                if self._idle:
+                    return self._idle.pop()
+                if self._running < self._size:
+                    self._running += 1
+                    break
+                self._changed.wait(min(left, threading.TIMEOUT_MAX))
         try:
             return _Worker()
         except BaseException:

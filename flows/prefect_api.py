@@ -1,0 +1,98 @@
+"""The Prefect API for one `dashrl` command, when no server is configured (PREFECT_API_URL unset).
+
+It is the server Prefect's ephemeral mode would start (the same app, run by uvicorn, UI off, services off), with
+two differences that make stops clean:
+- it runs in its own session, so a terminal's Ctrl-C reaches only the trainer, which then saves its checkpoint
+  and reports the stop to a server that is still up (with Prefect's own subprocess the server died with the same
+  Ctrl-C, and the trainer spent a minute retrying it);
+- it dies with the process that started it (PR_SET_PDEATHSIG), so it never outlives the command, even after
+  kill -9.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import httpx
+
+PR_SET_PDEATHSIG = 1
+
+
+@contextmanager
+def prefect_api() -> Iterator[None]:
+    """Use the configured Prefect server, or start a private one for the duration of the block."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    if PREFECT_API_URL.value():
+        yield
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "flows.prefect_api", str(port), str(os.getpid())], env=env,
+                              start_new_session=True)  # fmt: skip
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        _wait_healthy(server, url, float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+        with temporary_settings(updates={PREFECT_API_URL: url}):
+            try:
+                yield
+            finally:
+                _drain_clients()
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def _drain_clients() -> None:
+    """Send the logs and events Prefect's background workers still hold, while the server is up to take them."""
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+
+    APILogWorker.drain_all()
+    EventsWorker.drain_all()
+
+
+def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise RuntimeError(f"the Prefect server exited at start-up with code {server.returncode}")
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(
+        f"the Prefect server did not answer within {timeout_s:.0f} s; raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
+        "on a busy machine, or point PREFECT_API_URL at a running server"
+    )
+
+
+def _serve(port: int, parent: int) -> None:
+    """The server process: bound to its parent's life, then Prefect's app under uvicorn."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the line above
+        return
+    import uvicorn
+
+    uvicorn.run("prefect.server.api.server:create_app", factory=True, host="127.0.0.1", port=port, log_level="error",
+                lifespan="on")  # fmt: skip
+
+
+if __name__ == "__main__":
+    _serve(int(sys.argv[1]), int(sys.argv[2]))
