@@ -82,17 +82,9 @@ class VLLMServer:
     def wait_ready(self, timeout_s: float = 600) -> None:
         """Poll /health until it answers; raise with the log's tail if the process dies or time runs out."""
         assert self.process is not None, "start() the server first"
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise ServerError(f"vLLM server {self.url} exited with code {self.process.returncode}{self._tail()}")
-            try:
-                if httpx.get(f"{self.url}/health", timeout=5).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
-        raise ServerError(f"vLLM server {self.url} not ready after {timeout_s:.0f} s{self._tail()}")
+        problem = wait_healthy(self.process, f"{self.url}/health", timeout_s)
+        if problem:
+            raise ServerError(f"vLLM server {self.url} {problem}{self._tail()}")
 
     def stop(self, timeout_s: float = 30) -> None:
         """SIGTERM the process group, then SIGKILL what is left after `timeout_s`, engine processes included."""
@@ -121,6 +113,21 @@ class VLLMServer:
             return "; see its output above"
         text = Path(self.log_path).read_text(errors="replace").splitlines()[-lines:]
         return f"; last lines of {self.log_path}:\n" + "\n".join(text)
+
+
+def wait_healthy(process: subprocess.Popen, health_url: str, timeout_s: float, interval_s: float = 0.2) -> str | None:
+    """Poll a server's health endpoint until it answers 200: None then, else why not (it exited, or time ran out)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return f"exited with code {process.returncode}"
+        try:
+            if httpx.get(health_url, timeout=5).status_code == 200:
+                return None
+        except httpx.HTTPError:
+            pass
+        time.sleep(interval_s)
+    return f"not ready after {timeout_s:.0f} s"
 
 
 def free_port(start: int, host: str = "127.0.0.1") -> int:

@@ -17,11 +17,10 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import httpx
+from dash_core.serving import wait_healthy
 
 PR_SET_PDEATHSIG = 1
 
@@ -42,7 +41,10 @@ def prefect_api() -> Iterator[None]:
                               start_new_session=True)  # fmt: skip
     url = f"http://127.0.0.1:{port}/api"
     try:
-        _wait_healthy(server, url, float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+        problem = wait_healthy(server, f"{url}/health", float(os.environ.get("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")))
+        if problem:
+            raise RuntimeError(f"the Prefect server {problem}; on a busy machine raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, "
+                               "or point PREFECT_API_URL at a running server")  # fmt: skip
         with temporary_settings(updates={PREFECT_API_URL: url}):
             try:
                 yield
@@ -64,23 +66,6 @@ def _drain_clients() -> None:
 
     APILogWorker.drain_all()
     EventsWorker.drain_all()
-
-
-def _wait_healthy(server: subprocess.Popen, url: str, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise RuntimeError(f"the Prefect server exited at start-up with code {server.returncode}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(
-        f"the Prefect server did not answer within {timeout_s:.0f} s; raise PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS "
-        "on a busy machine, or point PREFECT_API_URL at a running server"
-    )
 
 
 def _serve(port: int, parent: int) -> None:

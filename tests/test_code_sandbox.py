@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import gzip
 import json
+import logging
 import os
 import socket
 import tempfile
@@ -347,3 +349,296 @@ def test_mbpp_tests_run_setup_code_first() -> None:
     rows = [row for row in _rows("mbpp.jsonl") if row["test_setup_code"]]
     results = run_many([(row["code"], mbpp_tests(row)) for row in rows], timeout_s=20)
     assert [result.status for result in results] == ["passed"] * len(rows)
+
+
+def test_mbpp_special_forms_pass_and_wrong_ones_fail() -> None:
+    # 126 names its function `sum`, 596 compares with sys.getsizeof, 601 builds its arguments from the program's class.
+    rows = {row["task_id"]: row for row in _rows("mbpp_special.jsonl")}
+    results = run_many([(row["code"], mbpp_tests(row)) for row in rows.values()], timeout_s=20)
+    assert [result.status for result in results] == ["passed"] * len(rows)
+    wrong = {
+        126: "def sum(a, b):\n    return a + b\n",
+        596: "def tuple_size(items):\n    return len(items)\n",
+        601: "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\ndef max_chain_length(pairs, n):\n    return n\n",
+    }
+    results = run_many([(wrong[task], mbpp_tests(rows[task])) for task in wrong], timeout_s=20)
+    assert [result.passed for result in results] == [False] * len(wrong)
+
+
+def test_mbpp_plus_rows_returning_a_counter_or_a_match_object() -> None:
+    # 88 compares with a Counter from the row's reference function; 737's checker asserts nothing about the value.
+    rows = {row["task_id"]: row for row in _rows("mbppplus_originfmt_special.jsonl")}
+    results = run_many([(row["code"], mbpp_plus_tests(row)) for row in rows.values()], timeout_s=20)
+    assert [result.status for result in results] == ["passed"] * len(rows)
+    tests = mbpp_plus_tests(rows[88])
+    plain = "def freq_count(items):\n    counts = {}\n    for item in items:\n        counts[item] = counts.get(item, 0) + 1\n    return counts\n"
+    assert run_tests(plain, tests).status == "passed"
+    assert run_tests("def freq_count(items):\n    return {item: 1 for item in items}\n", tests).status == "failed"
+
+
+@pytest.mark.parametrize(
+    ("program", "tests", "expected"),
+    [
+        (
+            "import math\ndef area(r):\n    return math.pi * r * r\n",
+            "import math\nassert math.isclose(area(2), 12.566, rel_tol=0.001)\n",
+            "passed",
+        ),
+        (
+            "def area(r):\n    return 3 * r * r\n",
+            "import math\nassert math.isclose(area(2), 12.566, rel_tol=0.001)\n",
+            "failed",
+        ),
+        ("def is_even(n):\n    return n % 2 == 0\n", "assert is_even(4)\nassert not is_even(3)\n", "passed"),
+        ("def is_even(n):\n    return True\n", "assert is_even(4)\nassert not is_even(3)\n", "failed"),
+        (
+            "def common(a, b):\n    return list(set(a) & set(b))\n",
+            "assert set(common([1, 2], [3, 2])) == set([2])\n",
+            "passed",
+        ),
+        ("def common(a, b):\n    return a\n", "assert set(common([1, 2], [3, 2])) == set([2])\n", "failed"),
+        ("def pair(a):\n    return (a, a)\n", "assert pair(1) == (1, 1)\nassert pair('x')[1] == 'x'\n", "passed"),
+        ("def pair(a):\n    return [a, a]\n", "assert pair(1) == (1, 1)\n", "failed"),  # a list is not a tuple
+    ],
+)
+def test_mbpp_assert_forms_are_judged_outside(program: str, tests: str, expected: str) -> None:
+    assert run_tests(program, tests).status == expected
+
+
+# ---- hostile programs that today's judge must refuse: each passed the in-sandbox judge it replaced ----
+
+ANYTHING = "class Anything:\n    def __eq__(self, other):\n        return True\n    __hash__ = object.__hash__\n"
+ANY_INT = "class AnyInt(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+
+
+@pytest.mark.parametrize(
+    ("program", "tests"),
+    [
+        (ANYTHING + "def add(a, b):\n    return Anything()\n", "assert add(1, 2) == 3\n"),
+        (ANYTHING + "def add(a, b):\n    return Anything()\n", "assert 3 == add(1, 2)\n"),
+        (ANY_INT + "def add(a, b):\n    return AnyInt(0)\n", "assert add(1, 2) == 3\n"),
+        (ANY_INT + "def add(a, b):\n    return AnyInt(0)\n", "assert 3 == add(1, 2)\n"),
+        (ANYTHING + "def is_not_prime(n):\n    return Anything()\n", None),  # MBPP+ row 3, the row's own checker
+    ],
+    ids=["object", "object-reversed", "int-subclass", "int-subclass-reversed", "mbpp-plus"],
+)
+def test_values_that_equal_anything_do_not_pass(program: str, tests: str | None) -> None:
+    tests = tests or mbpp_plus_tests(_rows("mbppplus_originfmt.jsonl.gz")[1])
+    assert not run_tests(program, tests).passed
+
+
+def test_redefining_a_builtin_the_tests_use_does_not_pass() -> None:
+    wrong = "def sort_digits(x):\n    return [9]\n"
+    tests = "assert sorted(sort_digits([3, 1, 2])) == sorted([1, 2, 3])\n"
+    assert run_tests(wrong, tests).status == "failed"
+    assert run_tests("sorted = lambda items: 0\n" + wrong, tests).status == "failed"
+
+
+@pytest.mark.parametrize("plus", [False, True], ids=["mbpp", "mbpp-plus"])
+def test_redefining_set_does_not_pass_a_real_row(plus: bool) -> None:
+    # similar_elements: MBPP+ row 2's checker compares set(out) with set(exp); the MBPP row's asserts use set() too.
+    row = _rows("mbppplus_originfmt.jsonl.gz")[0] if plus else _rows("mbpp.jsonl")[1]
+    tests = (
+        mbpp_plus_tests(row)
+        if plus
+        else "\n".join(
+            f"assert set({a.split('assert ')[1].split(' == ')[0]}) == set({a.split(' == ')[1]})"
+            for a in row["test_list"]
+        )
+    )
+    wrong = "def similar_elements(test_tup1, test_tup2):\n    return ()\n"
+    assert run_tests(wrong, tests).status == "failed"
+    assert not run_tests("set = lambda items: 0\n" + wrong, tests).passed
+
+
+@pytest.mark.parametrize("imported", [True, False], ids=["tests-import-math", "program-imports-math"])
+def test_patching_math_isclose_does_not_pass(imported: bool) -> None:
+    cheat = "import math\nmath.isclose = lambda *args, **kwargs: True\ndef area(r):\n    return 0.0\n"
+    tests = ("import math\n" if imported else "") + "assert math.isclose(area(2), 12.566, rel_tol=0.001)\n"
+    assert run_tests(cheat, tests).status == "failed"
+
+
+def test_reading_the_harness_frames_does_not_pass() -> None:
+    snoop = (
+        "import os, sys\n"
+        "frame = sys._getframe()\n"
+        "while frame is not None:\n"
+        "    found = frame.f_locals\n"
+        "    if 'nonce' in found and 'proof_fd' in found:\n"
+        "        os.write(found['proof_fd'], found['nonce'])\n"
+        "        os._exit(0)\n"
+        "    frame = frame.f_back\n"
+        "os._exit(0)\n"
+    )
+    result = run_tests(snoop, ADD_TESTS)
+    assert (result.passed, result.status) == (False, "failed")
+
+
+def test_expected_outputs_never_reach_the_sandbox() -> None:
+    row = _rows("mbppplus_originfmt.jsonl.gz")[0]
+    peek = "def similar_elements(a, b):\n    return results[inputs.index([a, b])]\n"  # the checker's own lists
+    assert not run_tests(peek, mbpp_plus_tests(row)).passed
+
+
+@pytest.mark.parametrize(
+    "opener",
+    [
+        "socket.socket(socket.AF_INET, socket.SOCK_DGRAM)",
+        "socket.socket(socket.AF_INET6, socket.SOCK_STREAM)",
+        "socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)",
+        "socket.socket(socket.AF_NETLINK, socket.SOCK_RAW)",
+        "socket.socketpair()",
+    ],
+    ids=["udp", "tcp6", "unix", "netlink", "socketpair"],
+)
+def test_no_sockets_of_any_family(opener: str) -> None:
+    program = f"import socket\ntry:\n    {opener}\n    opened = True\nexcept OSError:\n    opened = False\n"
+    assert run_tests(program, "assert opened\n").status == "failed"
+
+
+def test_no_udp_datagrams() -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.settimeout(1)
+        sender = (
+            "import socket\n"
+            "try:\n"
+            f"    sent = socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b'x', {listener.getsockname()!r}) == 1\n"
+            "except OSError:\n"
+            "    sent = False\n"
+        )
+        result = run_tests(sender, "assert sent\n")
+        with pytest.raises(TimeoutError):
+            listener.recvfrom(16)
+    assert result.status == "failed"
+
+
+def test_no_unix_socket_connections(tmp_path: Path) -> None:
+    path = tmp_path / "host.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.bind(str(path))
+        server.listen()
+        server.settimeout(1)
+        path.chmod(0o777)
+        caller = (
+            "import socket\n"
+            "try:\n"
+            f"    socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).connect({str(path)!r})\n"
+            "    connected = True\n"
+            "except OSError:\n"
+            "    connected = False\n"
+        )
+        result = run_tests(caller, "assert connected\n")
+        with pytest.raises(TimeoutError):
+            server.accept()
+    assert result.status == "failed"
+
+
+def test_no_tcp_fast_open() -> None:
+    # sendto(MSG_FASTOPEN) connects without connect(), where Landlock's TCP rule is checked.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        server.settimeout(1)
+        caller = (
+            "import socket\n"
+            "try:\n"
+            f"    socket.socket().sendto(b'x', socket.MSG_FASTOPEN, ('127.0.0.1', {server.getsockname()[1]}))\n"
+            "    sent = True\n"
+            "except OSError:\n"
+            "    sent = False\n"
+        )
+        result = run_tests(caller, "assert sent\n")
+        with pytest.raises(TimeoutError):
+            server.accept()
+    assert result.status == "failed"
+
+
+@pytest.mark.skipif(sandbox._bwrap() is None, reason="the run's total disk use is capped by bubblewrap's tmpfs")
+def test_total_disk_use_is_capped() -> None:
+    writer = (
+        "written = 0\n"
+        "chunk = b'x' * (32 << 20)\n"
+        "try:\n"
+        "    for number in range(16):\n"  # each file under the per-file limit
+        "        with open(f'big{number}', 'wb') as out:\n"
+        "            out.write(chunk)\n"
+        "        written += len(chunk)\n"
+        "except OSError:\n"
+        "    pass\n"
+    )
+    assert run_tests(writer, "assert written >= 256 << 20\n").status == "failed"
+
+
+def _shared_memory_segments() -> set[int]:
+    with open("/proc/sysvipc/shm") as table:
+        return {int(line.split()[1]) for line in list(table)[1:]}
+
+
+def test_no_shared_memory_outlives_the_run() -> None:
+    before = _shared_memory_segments()
+    program = (
+        "import ctypes\n"
+        "libc = ctypes.CDLL(None)\n"
+        "libc.shmat.restype = ctypes.c_void_p\n"
+        "size = 192 << 20\n"
+        "segment = libc.shmget(0, ctypes.c_size_t(size), 0o1600)\n"  # IPC_PRIVATE, IPC_CREAT | 0600
+        "created = segment >= 0\n"
+        "if created:\n"
+        "    address = libc.shmat(segment, None, 0)\n"
+        "    ctypes.memset(address, 1, size)\n"
+        "    libc.shmdt(ctypes.c_void_p(address))\n"
+    )
+    try:
+        result = run_tests(program, "assert created\n")
+        assert _shared_memory_segments() - before == set()
+        assert result.status == "failed"
+    finally:
+        for segment in _shared_memory_segments() - before:  # keep the host clean when this fails
+            ctypes.CDLL(None).shmctl(segment, 0, None)  # IPC_RMID
+
+
+def test_memory_cap_covers_the_whole_run() -> None:
+    splitter = (
+        "import ctypes, os, time\n"
+        "libc = ctypes.CDLL(None)\n"
+        "read_end, write_end = os.pipe()\n"
+        "children = 0\n"
+        "for _ in range(4):\n"
+        "    pid = libc.fork()\n"
+        "    if pid == 0:\n"
+        "        block = b'x' * (320 << 20)\n"
+        "        os.write(write_end, b'1')\n"
+        "        time.sleep(30)\n"
+        "        os._exit(0)\n"
+        "    children += pid > 0\n"
+        "used_mb = sum(320 for _ in range(children) if os.read(read_end, 1))\n"
+    )
+    assert run_tests(splitter, "assert used_mb >= 1024\n", timeout_s=20, memory_mb=512).status == "failed"
+
+
+def test_without_bubblewrap_it_warns_and_still_judges(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    sandbox._bwrap.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    try:
+        with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
+            assert run_tests(ADD, ADD_TESTS).status == "passed"
+        assert "bubblewrap" in caplog.text
+        assert run_tests("def add(a, b):\n    return a - b\n", ADD_TESTS).status == "failed"
+        assert not run_tests(ANYTHING + "def add(a, b):\n    return Anything()\n", ADD_TESTS).passed
+        row = _rows("mbppplus_originfmt.jsonl.gz")[0]
+        assert run_tests(row["code"], mbpp_plus_tests(row)).status == "passed"
+        escape = (  # seccomp holds without the namespaces: no socket, no second process
+            "import ctypes, os, socket\n"
+            "try:\n"
+            "    socket.socket(socket.AF_UNIX)\n"
+            "    opened = True\n"
+            "except OSError:\n"
+            "    opened = False\n"
+            "pid = ctypes.CDLL(None).fork()\n"
+            "if pid == 0:\n"
+            "    os._exit(0)\n"
+            "forked = pid > 0\n"
+        )
+        assert run_tests(escape, "assert opened or forked\n").status == "failed"
+    finally:
+        monkeypatch.undo()
+        sandbox._bwrap.cache_clear()
