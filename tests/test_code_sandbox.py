@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from py_landlock import LandlockError, get_abi_version
 
-import dash_core.rewards.code as sandbox
+import dash_core.rewards.code.sandbox as sandbox
 from dash_core.rewards.code import STATUSES, mbpp_plus_tests, mbpp_tests, run_many, run_tests
 
 DATA = Path(__file__).resolve().parent / "data"  # excerpts shipped with the tests
@@ -25,7 +25,7 @@ ADD_TESTS = "assert add(1, 2) == 3\nassert add(-1, 1) == 0\n"
 
 def _sandbox_processes() -> list[int]:
     """Live processes running the sandbox harness (zombies have an empty command line)."""
-    marker = sandbox.__file__.encode()
+    marker = sandbox.harness.__file__.encode()
     pids = []
     for entry in os.scandir("/proc"):
         if entry.name.isdigit():
