@@ -5,6 +5,7 @@ Unknown keys and bad values are errors that name the field, raised before any wo
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -29,6 +30,11 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[f"{prefix}{key}"] = value
     return flat
+
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+DEFAULT_STORE_URL = "dash_runs"
+STORE_URL_VARIABLE = "DASH_STORE_URL"
 
 
 class ConfigError(ValueError):
@@ -179,7 +185,9 @@ class EvalConfig(Section):
 
 
 class StoreConfig(Section):
-    url: str = Field("dash_runs", description="fsspec URL of the rollout store: a local folder, s3://bucket/prefix, ...")
+    url: str | None = Field(
+        None, description=f"fsspec URL of the rollout store: a local folder, s3://bucket/prefix, ...; unset: ${STORE_URL_VARIABLE}, else {DEFAULT_STORE_URL}"
+    )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (e.g. endpoint)")
 
     @model_validator(mode="after")
@@ -195,10 +203,15 @@ class StoreConfig(Section):
 
 
 class TrackingConfig(Section):
-    uri: str = Field("sqlite:///mlflow.db", description="MLflow tracking URI")
+    uri: str | None = Field(
+        None, description=f"MLflow tracking URI; unset: $MLFLOW_TRACKING_URI (MLflow's convention), else {DEFAULT_TRACKING_URI}"
+    )
     experiment: str = "dash"
     run_name: str | None = None
     parent_run_id: str | None = Field(None, description="nest this run under another (a sweep's parent run)")
+    system_metrics_every_s: float | None = Field(
+        10, gt=0, description="sample CPU, memory, disk, network and GPU into system/* metrics this often; None: off"
+    )
 
 
 class CheckpointConfig(Section):
@@ -237,6 +250,16 @@ class DashConfig(Section):
             raise ValueError("algo.sft_source=teacher needs algo.teacher: a stronger model's id or directory")
         if self.task.name != "arithmetic" and not self.eval.datasets:
             raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")
+        return self
+
+    @model_validator(mode="after")
+    def _outputs_from_environment(self) -> DashConfig:
+        """Unset output locations come from the environment of the process that runs the config (a work pool's job
+        variables send every run to the team's MLflow and bucket); the logged config records what was used."""
+        if self.tracking.uri is None:
+            self.tracking.uri = os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+        if self.store.url is None:
+            self.store.url = os.environ.get(STORE_URL_VARIABLE) or DEFAULT_STORE_URL
         return self
 
     def require_standalone(self) -> None:

@@ -33,7 +33,7 @@ SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".parquet")
 @dataclass(frozen=True)
 class DatasetSpec:
     kind: str  # "math" or "code": picks the prompt template and the grader
-    hub: str | None  # hub id for datasets.load_dataset
+    hub: str  # hub id for datasets.load_dataset
     hub_config: str | None
     default_split: str
     to_problem: Callable[[dict[str, Any], int], Problem | None]
@@ -88,7 +88,7 @@ def _mbpp_plus_split(row: dict[str, Any], split: str) -> bool:
 
 
 DATASETS: dict[str, DatasetSpec] = {
-    "math": DatasetSpec("math", None, None, "train", _math),
+    "math": DatasetSpec("math", "DigitalLearningGmbH/MATH-lighteval", None, "train", _math),
     "math500": DatasetSpec("math", "HuggingFaceH4/MATH-500", None, "test", _math),
     "gsm8k": DatasetSpec("math", "openai/gsm8k", "main", "test", _gsm8k),
     "mbpp": DatasetSpec("code", "google-research-datasets/mbpp", "full", "test", _mbpp, _mbpp_split),
@@ -130,8 +130,6 @@ def _located_records(path: Path) -> list[tuple[str, dict[str, Any]]]:
 
 def hub_records(name: str, spec: DatasetSpec, split: str) -> list[dict[str, Any]]:
     hint = f"pass a local copy instead (data path / --data-path), e.g. a jsonl file of {name}"
-    if spec.hub is None:
-        raise FileNotFoundError(f"dataset {name!r} has no hub id here; {hint}")
     import datasets
 
     hub_split = "test" if spec.in_split is _mbpp_plus_split else split
