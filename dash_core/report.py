@@ -1,13 +1,16 @@
-"""The comparison report of a sweep, rebuilt from MLflow alone: a Markdown table and PNG plots.
+"""The comparison report of a sweep, rebuilt from MLflow alone: Markdown tables and PNG plots.
 
-One row per child run (preset): final held-out accuracy of every evaluation set, pass@k, training wall-clock,
-samples, mean completion length and how training time split between sampling and learning.
+One row per preset: final held-out accuracy of every evaluation set, pass@k, training wall-clock, samples, mean
+completion length and how training time split between sampling and learning; with several seeds, each figure is
+the mean ± std over the preset's runs (n), and a second table lists every run. The plots draw every run.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from statistics import mean, stdev
 
 import matplotlib
 
@@ -21,14 +24,16 @@ PLOTS = {
     "length_vs_iteration.png": (None, "gen/length_mean", "iteration", "mean completion length (tokens)"),
     "abs_advantage_vs_iteration.png": (None, "train/abs_adv_mean", "iteration", "mean |A| (before filtering)"),
     "forward_backward_time.png": (None, "time/forward_s+time/backward_s", "iteration", "learner forward + backward (s)"),
-}
+}  # fmt: skip
 
 
 @dataclass
 class PresetRun:
-    """A child run's metric histories as {key: {step: value}}."""
+    """A child run's metric histories as {key: {step: value}}; `name` is the run's (`<preset>-seed<seed>` in sweeps
+    with seeds), `preset` the preset it ran."""
 
     name: str
+    preset: str
     run: Run
     history: dict[str, dict[int, float]] = field(default_factory=dict)
 
@@ -47,7 +52,9 @@ def sweep_runs(client: MlflowClient, experiment: str, parent_run_id: str | None 
     if found is None:
         raise ValueError(f"no MLflow experiment {experiment!r} at {client.tracking_uri}")
     if parent_run_id is None:
-        parents = client.search_runs([found.experiment_id], "tags.`dash.kind` = 'sweep'", order_by=["start_time DESC"], max_results=1)
+        parents = client.search_runs(
+            [found.experiment_id], "tags.`dash.kind` = 'sweep'", order_by=["start_time DESC"], max_results=1
+        )
         if not parents:
             raise ValueError(f"experiment {experiment!r} has no sweep run")
         parent_run_id = parents[0].info.run_id
@@ -56,43 +63,66 @@ def sweep_runs(client: MlflowClient, experiment: str, parent_run_id: str | None 
     )
     runs = []
     for child in children:
-        preset = PresetRun(child.data.tags.get("dash.preset") or child.info.run_name, child)
+        tag = child.data.tags.get("dash.preset") or child.info.run_name  # a sweep names its runs <preset>-seed<seed>
+        preset = tag.removesuffix(f"-seed{child.data.params.get('seed')}")
+        run = PresetRun(child.info.run_name or tag, preset, child)
         for key in child.data.metrics:
-            preset.history[key] = {m.step: m.value for m in client.get_metric_history(child.info.run_id, key)}
-        runs.append(preset)
+            run.history[key] = {m.step: m.value for m in client.get_metric_history(child.info.run_id, key)}
+        runs.append(run)
     return parent_run_id, runs
+
+
+def by_preset(runs: list[PresetRun]) -> dict[str, list[PresetRun]]:
+    """The runs of each preset (its seeds), presets in the order their first run started."""
+    groups: dict[str, list[PresetRun]] = {}
+    for run in runs:
+        groups.setdefault(run.preset, []).append(run)
+    return groups
 
 
 def eval_names(runs: list[PresetRun]) -> list[str]:
     return sorted({key.split("/")[1] for r in runs for key in r.history if key.startswith("eval/")})
 
 
-def markdown_table(runs: list[PresetRun]) -> str:
+def markdown_table(rows: dict[str, list[PresetRun]], label: str = "preset") -> str:
+    """One row per entry of `rows` (named in column `label`); a row of several runs shows each figure as
+    mean ± std over them."""
+    runs = [r for group in rows.values() for r in group]
     sets = eval_names(runs)
     ks = sorted({int(k.rsplit("_", 1)[1]) for r in runs for k in r.history if "/pass_at_" in k})
-    header = ["preset", "status"]
+    header = [label, "n", "status"]
     header += [f"{s} {m}" for s in sets for m in ["greedy acc", "sampled acc", *[f"pass@{k}" for k in ks]]]
     header += ["wall-clock s", "samples", "mean length", "sample / learn time"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for r in runs:
-        cells = [r.name, r.run.info.status.lower()]
+    for name, group in rows.items():
+        statuses = Counter(r.run.info.status.lower() for r in group)
+        status = (
+            next(iter(statuses)) if len(statuses) == 1 else ", ".join(f"{n} {s}" for s, n in statuses.most_common())
+        )
+        cells = [name, str(len(group)), status]
         for s in sets:
             keys = [f"eval/{s}/accuracy", f"eval/{s}/sampled_accuracy", *[f"eval/{s}/pass_at_{k}" for k in ks]]
-            cells += [_fmt(r.final(key)) for key in keys]
-        sample, learn = sum(r.series("time/sample_s").values()), sum(r.series("time/learn_s").values())
-        lengths = list(r.series("gen/length_mean").values())
+            cells += [_stat([r.final(key) for r in group], len(group)) for key in keys]
+        sample = sum(v for r in group for v in r.series("time/sample_s").values())
+        learn = sum(v for r in group for v in r.series("time/learn_s").values())
+        lengths = [mean(series.values()) if (series := r.series("gen/length_mean")) else None for r in group]
         cells += [
-            _fmt(r.final("time/train_s"), "{:.0f}"),
-            _fmt(r.final("samples/total"), "{:,.0f}"),
-            _fmt(sum(lengths) / len(lengths) if lengths else None, "{:.1f}"),
+            _stat([r.final("time/train_s") for r in group], len(group), "{:.0f}"),
+            _stat([r.final("samples/total") for r in group], len(group), "{:,.0f}"),
+            _stat(lengths, len(group), "{:.1f}"),
             f"{sample / (sample + learn):.0%} / {learn / (sample + learn):.0%}" if sample + learn else "-",
         ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def _fmt(value: float | None, spec: str = "{:.3f}") -> str:
-    return "-" if value is None else spec.format(value)
+def _stat(values: list[float | None], n: int, spec: str = "{:.3f}") -> str:
+    """One value as is; several as mean ± std, with their count when some of the `n` runs lack the figure."""
+    found = [v for v in values if v is not None]
+    if len(found) < 2:
+        return spec.format(found[0]) if found else "-"
+    text = f"{spec.format(mean(found))} ± {spec.format(stdev(found))}"
+    return text if len(found) == n else f"{text} (n={len(found)})"
 
 
 def plot_all(runs: list[PresetRun], folder: Path) -> list[Path]:
@@ -131,7 +161,9 @@ def _plot_pass_at_k(runs: list[PresetRun], path: Path) -> Path:
     for style, name in zip(["-o", "--s", ":^", "-.v"] * 4, eval_names(runs)):
         for color, r in enumerate(runs):
             points = sorted(
-                (int(key.rsplit("_", 1)[1]), r.final(key)) for key in r.history if key.startswith(f"eval/{name}/pass_at_")
+                (int(key.rsplit("_", 1)[1]), r.final(key))
+                for key in r.history
+                if key.startswith(f"eval/{name}/pass_at_")
             )
             if points:
                 ax.plot(*zip(*points), style, color=f"C{color}", label=f"{r.name} ({name})")
@@ -160,8 +192,13 @@ def build_report(tracking_uri: str, experiment: str, out_dir: str | Path, parent
         raise ValueError(f"sweep run {parent_run_id} has no child runs yet")
     folder = Path(out_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    table = markdown_table(runs)
-    (folder / "report.md").write_text(f"# Sweep {experiment} (parent run {parent_run_id})\n\n{table}")
+    groups = by_preset(runs)
+    seeded = any(len(group) > 1 for group in groups.values())
+    text = f"# Sweep {experiment} (parent run {parent_run_id})\n\n"
+    text += "Each figure is the mean ± std over the preset's n runs, one per seed.\n\n" if seeded else ""
+    text += markdown_table(groups)
+    text += f"\n## Runs\n\n{markdown_table({r.name: [r] for r in runs}, 'run')}" if seeded else ""
+    (folder / "report.md").write_text(text)
     plot_all(runs, folder)
     client.log_artifacts(parent_run_id, str(folder), "report")
     return folder

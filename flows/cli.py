@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from dash_core.config import ConfigError, DashConfig, load_config
+from dash_core.presets import Preset
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -45,10 +46,14 @@ def _parser() -> argparse.ArgumentParser:
 
     sweep = commands.add_parser("sweep", help="run presets side by side (one MLflow experiment) and report")
     _config_args(sweep)
-    sweep.add_argument("--presets", required=True, help="comma-separated presets, e.g. dash,grpo,no_gf,ppo_multi")
+    sweep.add_argument("--presets", required=True, type=_presets, help=f"comma-separated, of: {','.join(Preset)}")
+    sweep.add_argument("--seeds", default=[0], type=_seeds, help="comma-separated seeds, each preset runs once per seed (default: 0)")
     budget = sweep.add_mutually_exclusive_group()
-    budget.add_argument("--budget-minutes", type=float, help="training wall-clock per preset")
-    budget.add_argument("--budget-samples", type=int, help="sampled completions per preset")
+    budget.add_argument("--budget-minutes", type=float, help="training wall-clock per run")
+    budget.add_argument("--budget-samples", type=int, help="sampled completions per run")
+    sweep.add_argument("--fan-out", action="store_true",
+                       help="every preset x seed a flow run of dash-train/default on its work pool, all at once "
+                            "(needs PREFECT_API_URL, the deployment, workers and a budget)")  # fmt: skip
     sweep.add_argument("--name", help="MLflow experiment of the sweep (default: sweep-<date>-<time>)")
     sweep.add_argument("--report-dir", default="reports", help="local folder for the report")
 
@@ -72,6 +77,23 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("action", choices=["pull"])
     models.add_argument("name", help="e.g. smollm2-135m")
     return parser
+
+
+def _presets(text: str) -> list[Preset]:
+    """`dash,grpo` -> the presets, or an error naming the unknown one and the choices."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in Preset.__members__]
+    if unknown or not names:
+        problem = f"unknown preset {unknown[0]!r}" if unknown else "no preset given"
+        raise argparse.ArgumentTypeError(f"{problem} (choose from {', '.join(Preset)})")
+    return [Preset(name) for name in names]
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(seed) for seed in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers, e.g. 0,1,2") from None
 
 
 def _overrides(args: argparse.Namespace) -> list[str]:
@@ -144,9 +166,9 @@ def _run(args: argparse.Namespace, config: DashConfig) -> None:
         from flows.sweep import dash_sweep
 
         folder = dash_sweep(
-            presets=args.presets.split(","), configs=args.config, overrides=_overrides(args),
-            budget_minutes=args.budget_minutes, budget_samples=args.budget_samples, experiment=args.name,
-            report_dir=args.report_dir,
+            presets=args.presets, seeds=args.seeds, configs=args.config, overrides=_overrides(args),
+            budget_minutes=args.budget_minutes, budget_samples=args.budget_samples, fan_out=args.fan_out,
+            experiment=args.name, report_dir=args.report_dir,
         )  # fmt: skip
         print((Path(folder) / "report.md").read_text())
         print(f"report and plots: {folder}")
