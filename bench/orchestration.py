@@ -40,7 +40,7 @@ def run_mode(mode: str, args: argparse.Namespace) -> None:
     if mode == "flow":
         from flows.train import dash_train
 
-        run_id = dash_train(config=config)
+        run_id = dash_train(config=config)["run_id"]
     else:
         from dash_core.run import TrainingRun
         from dash_core.timing import steady_heap

@@ -151,6 +151,12 @@ class LearnerConfig(Section):
     weight_decay: float = Field(0.0, ge=0)
     micro_batch_size: int = Field(64, gt=0, description="sequences per forward+backward chunk")
     grad_clip: float = Field(1.0, gt=0)
+    precision: Literal["fp32", "bf16", "bf16-mixed"] | None = Field(
+        None,
+        description="fp32 / bf16: weights, optimizer state and arithmetic in that type (model.dtype must match); "
+        "bf16-mixed: float32 weights and optimizer state, bfloat16 arithmetic (autocast); None: the model's dtype",
+    )
+    activation_checkpointing: bool = Field(False, description="recompute layer activations in the backward pass: less memory, more compute")
 
 
 class WarmupConfig(Section):
@@ -253,6 +259,13 @@ class DashConfig(Section):
         return self
 
     @model_validator(mode="after")
+    def _precision_matches_weights(self) -> DashConfig:
+        weights = {"fp32": "float32", "bf16": "bfloat16", "bf16-mixed": "float32"}.get(self.learner.precision or "")
+        if weights and self.model.dtype != weights:
+            raise ValueError(f"learner.precision={self.learner.precision} keeps {weights} weights: set model.dtype={weights}")
+        return self
+
+    @model_validator(mode="after")
     def _outputs_from_environment(self) -> DashConfig:
         """Unset output locations come from the environment of the process that runs the config (a work pool's job
         variables send every run to the team's MLflow and bucket); the logged config records what was used."""
@@ -261,6 +274,16 @@ class DashConfig(Section):
         if self.store.url is None:
             self.store.url = os.environ.get(STORE_URL_VARIABLE) or DEFAULT_STORE_URL
         return self
+
+    @classmethod
+    def form_default(cls) -> DashConfig:
+        """A flow parameter's default as a deployment's form shows it: not validated, so tracking.uri and store.url
+        stay unset there, and the worker that runs it fills them from its own environment (`resolved`)."""
+        return cls.model_construct()
+
+    def resolved(self) -> DashConfig:
+        """This config validated: a `form_default` gets its output locations from this process's environment."""
+        return DashConfig.model_validate(self.model_dump())
 
     def require_standalone(self) -> None:
         """Fail before any work when the config names something only a sweep provides."""

@@ -33,11 +33,16 @@ from dash_core.samplers import Generation, Sampler, SamplingParams, build_sample
 from dash_core.sft import solution_ids, train_supervised
 from dash_core.store import BatchManifest, RunStore
 from dash_core.timing import timed
-from dash_core.tracking import Tracker
+from dash_core.tracking import Tracker, dataset_inputs
 
 log = logging.getLogger(__name__)
 ITERATION_KEY = "reward/mean"  # logged by every iteration: the steps MLflow holds iterations for
 LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]
+
+
+def run_name(config: DashConfig) -> str:
+    """A run's name when the config gives none: update rule, model, task and seed (a sweep names runs by preset)."""
+    return f"{config.algo.rule}-{config.model.name.rstrip('/').rsplit('/', 1)[-1]}-{config.task.name}-seed{config.seed}"
 
 
 class EverythingFilteredError(RuntimeError):
@@ -51,7 +56,9 @@ class ResumeError(RuntimeError):
 def _nothing_left(iterations: int, reward_mean: float) -> str:
     why = f"{iterations} iterations in a row had every group all-right or all-wrong (mean reward {reward_mean:.2f}), "
     if reward_mean >= 1.0:
-        return why + "so the policy solves its training problems: nothing is left to learn; stop, or use harder problems."
+        return (
+            why + "so the policy solves its training problems: nothing is left to learn; stop, or use harder problems."
+        )
     if reward_mean <= 0.0:
         return why + (
             "so the policy gets nothing right and has likely collapsed: resume from an earlier checkpoint with a "
@@ -144,24 +151,28 @@ class TrainingRun:
         return save_model(self.policy, self.tokenizer, path)
 
     @classmethod
-    def start(cls, config: DashConfig) -> TrainingRun:
-        """A new run; a bad model, data file, device, store or tracking URI fails before anything is created."""
+    def start(cls, config: DashConfig, tags: dict[str, str] | None = None) -> TrainingRun:
+        """A new run, its MLflow run tagged with `tags` (say, the orchestrator's run); a bad model, data file,
+        device, store or tracking URI fails before anything is created."""
         config.require_standalone()
         data = check_run(config)
-        tracker = Tracker.create(config)
+        tracker = Tracker.create(config, tags, default_name=run_name(config))
         with tracker.failing():
+            tracker.watch_system(config.tracking.system_metrics_every_s, resumed=False)
+            tracker.log_datasets(dataset_inputs(config, *data))
             store = RunStore(config.store.url, tracker.run_id, config.store.storage_options)
             store.write_bytes("config.yaml", config.to_yaml().encode())
             return cls(config, tracker, store, data)
 
     @classmethod
-    def resume(cls, config: DashConfig, run_id: str) -> TrainingRun:
+    def resume(cls, config: DashConfig, run_id: str, tags: dict[str, str] | None = None) -> TrainingRun:
         """Continue `run_id`: restore its newest valid checkpoint (or its start), then replay the updates of the
         rollout batches stored since, so no completed iteration is lost and none is logged twice."""
         data = check_run(config)
-        tracker = Tracker.reopen(config.tracking, run_id)
+        tracker = Tracker.reopen(config.tracking, run_id, tags)
         store = RunStore(config.store.url, run_id, config.store.storage_options)
         with tempfile.TemporaryDirectory() as tmp, tracker.failing():
+            tracker.watch_system(config.tracking.system_metrics_every_s, resumed=True)
             checkpoint = load_latest(store, tmp)
             run = cls(config, tracker, store, data, checkpoint_dir=str(checkpoint.model_dir) if checkpoint else None)
             run.logged = set(tracker.history(ITERATION_KEY))
@@ -259,7 +270,10 @@ class TrainingRun:
             self._load_warmup(self.policy)
             losses = cache.read_json("done.json")["losses"]
         else:
-            batches = (self.task.train_problems(step, cfg.warmup.batch_size, stream="warmup") for step in range(cfg.warmup.steps))
+            batches = (
+                self.task.train_problems(step, cfg.warmup.batch_size, stream="warmup")
+                for step in range(cfg.warmup.steps)
+            )
             losses = train_supervised(
                 self.policy, self.tokenizer, batches, cfg.warmup.lr, cfg.model.use_chat_template, done=self._warm_enough
             )
@@ -426,7 +440,9 @@ class TrainingRun:
         for name, result in results.items():
             metrics |= result.metrics
             if cfg.log_samples:
-                self.tracker.log_jsonl(result.rows[: cfg.log_samples], f"samples/{name}/eval_iter_{iteration:06d}.jsonl")
+                self.tracker.log_jsonl(
+                    result.rows[: cfg.log_samples], f"samples/{name}/eval_iter_{iteration:06d}.jsonl"
+                )
         self.cycle_start = time.perf_counter()  # evaluation is not training time
         return metrics
 

@@ -1,29 +1,55 @@
 """The `dash-train` flow: warm-up, then blocks of iterations (each sample -> reward + filter -> learn -> sync ->
 checkpoint, see `TrainingRun.step`) with an evaluation after each block. Every phase is timed; all metrics go to
 MLflow.
+
+Both UIs tell what a run did: the Prefect flow run holds its lines (evaluations, warnings, resume hints), the
+summary as a Markdown artifact and a persisted result (MLflow run id, final metrics); the MLflow run is named and
+tagged with the flow run, its deployment and the code's commit.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import TypedDict
 
 from prefect import flow
+from prefect.runtime import deployment, flow_run
+from prefect.utilities.urls import url_for
 
 from dash_core.config import DashConfig
 from dash_core.run import TrainingRun
 from dash_core.timing import steady_heap
-from flows.progress import TrainingProgress
+from flows.progress import TrainingProgress, mlflow_link, run_logs
 from tasks.training import evaluate, launch_servers, stop_servers, sync_weights, train_iterations, warm_up
 
 log = logging.getLogger(__name__)
+ENTRYPOINT = "flows/train.py:dash_train"  # as prefect.yaml names it; MLflow shows it as the run's source
 
 
-@flow(name="dash-train")
-def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> str:
-    """Train a policy with DASH; returns the MLflow run id (pass it to `--resume` to continue)."""
-    run = TrainingRun.resume(config, resume) if resume else TrainingRun.start(config)
-    progress = TrainingProgress(config.iterations, run.iteration)
-    progress.console.print(f"run {run.run_id}: rollouts and checkpoints in {run.store.url}")
+class TrainResult(TypedDict):
+    """What a `dash-train` run returns and persists, as plain JSON: any process reads it back as a dict, where a
+    class would have to be importable there under the name the worker's entrypoint loader gave it."""
+
+    run_id: str  # the MLflow run; pass it to --resume to continue
+    iteration: int  # iterations done
+    samples: int  # completions sampled
+    metrics: dict[str, float]  # the last iteration's metrics and the last evaluation's
+
+
+@flow(name="dash-train", persist_result=True, result_serializer="json")
+def dash_train(config: DashConfig = DashConfig.form_default(), resume: str | None = None) -> TrainResult:
+    """Train a policy with DASH; returns the MLflow run id (pass it to `--resume` to continue) and final metrics."""
+    with run_logs():
+        return _train(config, resume)
+
+
+def _train(config: DashConfig, resume: str | None) -> TrainResult:
+    config = config.resolved()
+    tags = source_tags()
+    run = TrainingRun.resume(config, resume, tags) if resume else TrainingRun.start(config, tags)
+    earlier = run.tracker.earliest("eval/") if resume else None  # the summary compares the run's first evaluation
+    progress = TrainingProgress(config.iterations, run.iteration, evals=[earlier] if earlier else [])
+    progress.say(f"run {run.run_id}: rollouts and checkpoints in {run.store.url}")
     servers = []
     with run.tracker.failing():
         try:
@@ -46,7 +72,8 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
             run.save()
         except BaseException:
             _save_what_is_learned(run)
-            progress.console.print(f"[red]stopped at iteration {run.iteration}[/]: resume with  dashrl train --resume {run.run_id}")
+            stop = f"stopped at iteration {run.iteration}: resume with  dashrl train --resume {run.run_id}"
+            progress.say(stop, "red", logging.WARNING)
             raise
         finally:
             if servers:
@@ -54,8 +81,21 @@ def dash_train(config: DashConfig = DashConfig(), resume: str | None = None) -> 
             if getattr(run.sampler, "events", None):
                 run.tracker.log_jsonl(run.sampler.events, "sampler_events.jsonl")
     run.tracker.finish()
-    progress.summary(run.run_id, run.samples_total)
-    return run.run_id
+    link = mlflow_link(config.tracking.uri, run.tracker.experiment_id, run.run_id)
+    progress.summary(run.run_id, run.samples_total, link)
+    metrics = run.metrics | (progress.evals[-1][1] if progress.evals else {})
+    return TrainResult(run_id=run.run_id, iteration=run.iteration, samples=run.samples_total, metrics=metrics)
+
+
+def source_tags() -> dict[str, str]:
+    """Where the MLflow run comes from: this flow, its Prefect run (and the run's page, when the API has a UI) and
+    the deployment that started it."""
+    tags = {"mlflow.source.name": ENTRYPOINT, "prefect.flow_run_id": flow_run.id}
+    if url := url_for("flow-run", obj_id=flow_run.id):
+        tags["prefect.flow_run_url"] = url
+    if deployment.name:
+        tags["prefect.deployment"] = f"{flow_run.flow_name}/{deployment.name}"
+    return tags
 
 
 def _save_what_is_learned(run: TrainingRun) -> None:
@@ -65,12 +105,16 @@ def _save_what_is_learned(run: TrainingRun) -> None:
             run.checkpointer.wait()
         except Exception:
             log.exception("the checkpoint being written when the run failed is lost")
-        log.warning("the failure came mid-update: resume starts after iteration %d, the last checkpoint", run.checkpointed)
+        log.warning(
+            "the failure came mid-update: resume starts after iteration %d, the last checkpoint", run.checkpointed
+        )
         return
     try:
         run.save()
     except Exception:
-        log.exception("could not save a checkpoint after the failure; resume starts after iteration %d", run.checkpointed)
+        log.exception(
+            "could not save a checkpoint after the failure; resume starts after iteration %d", run.checkpointed
+        )
     try:
         if run.iteration and run.iteration not in run.logged:  # the last complete update's sync or logging failed
             run.log(run.metrics, run.iteration)

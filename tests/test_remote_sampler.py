@@ -148,7 +148,7 @@ def test_train_flow_on_the_remote_backend(prefect_api, small_config, servers, mo
         "sampler": {"backend": "remote", "remote": {"urls": [s.url for s in servers]}},
     }
     config = DashConfig.model_validate(merge(small_config.model_dump(), update))
-    run_id = dash_train(config=config)
+    run_id = dash_train(config=config)["run_id"]
     assert_on_policy_run(config.tracking.uri, run_id, "remote")
 
 
@@ -161,7 +161,7 @@ def test_train_flow_launches_and_stops_its_own_servers(prefect_api, small_config
         "sampler": {"backend": "remote", "remote": {"launch": 1, "base_port": free_port(8400)}},
     }
     config = DashConfig.model_validate(merge(small_config.model_dump(), update))
-    run_id = dash_train(config=config)
+    run_id = dash_train(config=config)["run_id"]
     run = MlflowClient(config.tracking.uri).get_run(run_id)
     assert run.data.metrics["sampler/servers"] == 1 and run.data.metrics["logprob_gap/mean"] < 1e-3
     port = config.sampler.remote.base_port

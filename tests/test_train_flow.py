@@ -28,7 +28,7 @@ def cli_args(config):
 
 
 def test_two_iterations_log_every_metric_and_keep_rollouts(prefect_api, small_config):
-    run_id = dash_train(config=small_config)
+    run_id = dash_train(config=small_config)["run_id"]
     client = MlflowClient(small_config.tracking.uri)
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
@@ -52,7 +52,7 @@ def test_two_iterations_log_every_metric_and_keep_rollouts(prefect_api, small_co
 
 
 def test_resume_continues_the_same_run(prefect_api, small_config):
-    run_id = dash_train(config=small_config)
+    run_id = dash_train(config=small_config)["run_id"]
     assert main(["train", "--resume", run_id, "--set", "iterations=4", *cli_args(small_config)]) == 0
     client = MlflowClient(small_config.tracking.uri)
     assert steps(client, run_id, "reward/mean") == [1, 2, 3, 4]
@@ -110,7 +110,7 @@ def test_a_failure_mid_update_never_checkpoints_a_half_step(prefect_api, small_c
 
 
 def test_resume_takes_the_configs_learning_rate(prefect_api, small_config):
-    run_id = dash_train(config=small_config)
+    run_id = dash_train(config=small_config)["run_id"]
     config = small_config.model_copy(deep=True)
     config.learner.lr = 1e-7
     run = TrainingRun.resume(config, run_id)
@@ -140,7 +140,7 @@ def test_rollouts_and_checkpoints_can_live_in_s3(prefect_api, small_config, s3_o
     config = small_config.model_copy(deep=True)
     config.store.url = f"s3://{s3_bucket}/runs"
     config.store.storage_options = s3_options
-    run_id = dash_train(config=config)
+    run_id = dash_train(config=config)["run_id"]
     store = RunStore(config.store.url, run_id, s3_options)
     assert store.read_batch(2).num_rows == 16
     assert store.exists("checkpoints/iter_000002/model.safetensors")
@@ -152,7 +152,7 @@ def test_periodic_evaluation_covers_out_of_distribution_sets(prefect_api, small_
     config.iterations = 1
     config.eval.datasets = [{"name": "gsm8k", "path": str(Path(__file__).parent / "data" / "gsm8k_train.jsonl"), "size": 3}]
     config = type(config).model_validate(config.model_dump())
-    run_id = dash_train(config=config)
+    run_id = dash_train(config=config)["run_id"]
     client = MlflowClient(config.tracking.uri)
     for name in ("arithmetic", "gsm8k"):
         assert steps(client, run_id, f"eval/{name}/sampled_accuracy") == [0, 1]

@@ -103,5 +103,5 @@ def test_train_flow_on_the_vllm_backend(prefect_api, small_config):
 
     small_config.sampler.backend = "vllm"
     small_config.algo.tau = 0  # every sample reaches the learner, so every iteration measures the gap
-    run_id = dash_train(config=small_config)
+    run_id = dash_train(config=small_config)["run_id"]
     assert_on_policy_run(small_config.tracking.uri, run_id, "vllm")
