@@ -135,6 +135,35 @@ def test_a_deployed_training_run_completes_into_the_team_mlflow_and_store(platfo
     store = RunStore(platform.store_url, run.info.run_id)
     assert store.has_batch(1) and store.has_batch(2)
     assert run.data.params["tracking.uri"] == platform.tracking_uri and run.data.params["store.url"] == platform.store_url
+    cloned = subprocess.run(["git", "rev-parse", "HEAD"], cwd=platform.repository, capture_output=True, text=True).stdout.strip()
+    assert run.data.tags["mlflow.source.git.commit"] == cloned  # the code the pull step cloned is the code that ran
+    assert run.data.tags["prefect.flow_run_id"] == str(flow_run_id) and run.data.tags["prefect.deployment"] == "dash-train/default"
+
+
+def test_a_fanned_out_sweep_trains_each_preset_as_its_own_flow_run_and_reports(platform):
+    parameters = {"presets": ["dash", "grpo"], "fan_out": True, "budget_samples": 32, "experiment": "fanned",
+                  "base": TINY | {"iterations": 1_000}}  # fmt: skip
+    done, sweep_id = platform.run_deployment("dash-sweep/paper-ablations", parameters)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+    from prefect.client.orchestration import SyncPrefectClient
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId
+
+    with SyncPrefectClient(platform.api_url) as prefect:
+        children = prefect.read_flow_runs(flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[sweep_id])))
+        deployment_ids = {child.deployment_id for child in children}
+        train = prefect.read_deployment_by_name("dash-train/default")
+    assert len(children) == 2 and deployment_ids == {train.id}  # each its own flow run of the training deployment
+    assert all(child.state.is_completed() for child in children)
+
+    mlflow = client(platform.tracking_uri)
+    experiment_id = mlflow.get_experiment_by_name("fanned").experiment_id
+    (parent,) = mlflow.search_runs([experiment_id], "tags.`dash.kind` = 'sweep'")
+    runs = mlflow.search_runs([experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    assert sorted(run.info.run_name for run in runs) == ["dash-seed0", "grpo-seed0"]
+    for run in runs:
+        assert run.data.metrics["samples/total"] >= 32 and RunStore(platform.store_url, run.info.run_id).has_batch(1)
+    assert "report/report.md" in [a.path for a in mlflow.list_artifacts(parent.info.run_id, "report")]
 
 
 def test_cancelling_a_flow_run_stops_it_like_sigterm(platform):
