@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
+from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from dash_core.config import AlgoConfig, LearnerConfig
@@ -67,28 +68,62 @@ class LearnStats:
         }
 
 
+LOGPROB_CHUNK_TOKENS = 1024  # completion tokens whose vocabulary-wide logits exist at once
+
+
 def completion_logprobs(
-    policy: PreTrainedModel, prompt_ids: list[list[int]], completion_ids: list[list[int]], pad_id: int
+    policy: PreTrainedModel,
+    prompt_ids: list[list[int]],
+    completion_ids: list[list[int]],
+    pad_id: int,
+    chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of each completion token under `policy`, as (rows, longest completion), and their mask.
 
-    Sequences are right-padded, so positions count from 0 at the first prompt token, as the samplers count them.
+    The vocabulary is the memory hog (151k logits per token for Qwen), so the LM head runs only on the positions
+    that predict completion tokens, `chunk_tokens` at a time, each chunk recomputed in the backward pass instead of
+    kept: log p = logit[target] - logsumexp(logits) never holds more than one chunk's logits. Sequences are
+    right-padded, so positions count from 0 at the first prompt token, as the samplers count them.
     """
     device = policy.device
     rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
     width = max(map(len, rows))
     input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
     attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-    longest = max(map(len, completion_ids))
-    offsets = torch.arange(longest, device=device)
-    starts = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)
-    positions = (starts[:, None] + offsets).clamp(max=width - 2)  # logits at t predict token t + 1
-    mask = (offsets[None, :] < torch.tensor([len(c) for c in completion_ids], device=device)[:, None]).float()
-    logits = policy(input_ids=input_ids, attention_mask=attention).logits
-    logits = logits.gather(1, positions[..., None].expand(-1, -1, logits.size(-1)))
-    targets = input_ids.gather(1, positions + 1)
-    logp = logits.float().log_softmax(-1).gather(-1, targets[..., None]).squeeze(-1)
-    return logp * mask, mask
+    lengths = torch.tensor([len(c) for c in completion_ids], device=device)
+    mask = torch.arange(int(lengths.max()), device=device)[None, :] < lengths[:, None]
+    row, offset = mask.nonzero(as_tuple=True)
+    position = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)[row] + offset  # state at t predicts t + 1
+    targets = input_ids[row, position + 1]
+    if _head_is_plain(policy):
+        hidden = policy.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state[row, position]
+        head = policy.get_output_embeddings()
+        recompute = torch.is_grad_enabled()
+        pieces = [
+            checkpoint(_token_logprobs, head, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens], use_reentrant=False)
+            if recompute
+            else _token_logprobs(head, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens])
+            for i in range(0, len(targets), chunk_tokens)
+        ]
+        logp = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
+    else:  # heads that rescale or cap their logits: the model's own full forward
+        logits = policy(input_ids=input_ids, attention_mask=attention).logits[row, position].float()
+        logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+    table = torch.zeros(mask.shape, device=device, dtype=logp.dtype).index_put((row, offset), logp)
+    return table, mask.float()
+
+
+def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    logits = head(hidden).float()
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
+
+
+def _head_is_plain(policy: PreTrainedModel) -> bool:
+    """Logits = LM head of the base model's last hidden state, with no softcapping or scaling in between."""
+    config = policy.config
+    return not (getattr(config, "final_logit_softcapping", None) or getattr(config, "logit_scale", None)) and (
+        policy.base_model is not policy and policy.get_output_embeddings() is not None
+    )
 
 
 class Learner:
@@ -108,6 +143,12 @@ class Learner:
         self.pad_id = pad_id
         self.reference = reference
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        if cfg.activation_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.mixed = cfg.precision == "bf16-mixed"  # float32 weights and Adam state, bfloat16 matmuls
+
+    def _forward_precision(self) -> torch.autocast:
+        return torch.autocast(self.policy.device.type, dtype=torch.bfloat16, enabled=self.mixed)
 
     def load_optimizer_state(self, state: dict) -> None:
         """Adam's moments from a checkpoint; the learning rate and weight decay stay the config's, so a resumed run
@@ -126,15 +167,16 @@ class Learner:
         gap_sum = 0.0
         for chunk in chunks:
             start = time.perf_counter()
-            logp, mask = completion_logprobs(self.policy, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
-            tensors = self._tensors(chunk, logp.shape)
-            loss, clipped = self.rule(logp, mask, tensors, self.clip_eps)
-            if self.beta > 0:
-                with torch.no_grad():
-                    ref, _ = completion_logprobs(self.reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
-                kl = (k3(logp, ref) * mask).sum()
-                loss = loss + self.beta * kl
-                stats.kl_sum += kl.item()
+            with self._forward_precision():
+                logp, mask = completion_logprobs(self.policy, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
+                tensors = self._tensors(chunk, logp.shape)
+                loss, clipped = self.rule(logp, mask, tensors, self.clip_eps)
+                if self.beta > 0:
+                    with torch.no_grad():
+                        ref, _ = completion_logprobs(self.reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
+                    kl = (k3(logp, ref) * mask).sum()
+                    loss = loss + self.beta * kl
+                    stats.kl_sum += kl.item()
             _synchronize(logp.device)
             middle = time.perf_counter()
             loss.backward()

@@ -39,6 +39,34 @@ def test_completion_logprobs_match_a_direct_forward(policy_and_tokenizer):
     assert mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 1]]
 
 
+def full_logits_logprobs(policy, prompts, completions, pad_id):
+    """The computation the lean one replaces: logits at every position over the whole vocabulary, then log-softmax."""
+    rows = [p + c for p, c in zip(prompts, completions)]
+    width = max(map(len, rows))
+    ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows])
+    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])
+    logp = policy(input_ids=ids, attention_mask=attention).logits.log_softmax(-1)
+    table = torch.zeros(len(rows), max(map(len, completions)))
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        table[i, : len(c)] = logp[i, len(p) - 1 + torch.arange(len(c)), torch.tensor(c)]
+    return table
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 5, 1024])
+def test_lean_logprobs_and_their_gradients_equal_the_full_logits_computation(policy_and_tokenizer, chunk_tokens):
+    policy, tokenizer = policy_and_tokenizer
+    batch = make_batch(tokenizer)
+    lean_policy, full_policy = copy.deepcopy(policy), copy.deepcopy(policy)
+    lean, mask = completion_logprobs(lean_policy, batch["prompt_ids"], batch["completion_ids"], tokenizer.pad_token_id, chunk_tokens)
+    full = full_logits_logprobs(full_policy, batch["prompt_ids"], batch["completion_ids"], tokenizer.pad_token_id)
+    assert torch.allclose(lean, full, atol=1e-5)
+    weights = torch.randn(lean.shape, generator=torch.Generator().manual_seed(0)) * mask  # any loss of the log-probs
+    (lean * weights).sum().backward()
+    (full * weights).sum().backward()
+    for a, b in zip(lean_policy.parameters(), full_policy.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_chunked_accumulation_gives_the_full_batch_gradient(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
     batch = make_batch(tokenizer)
@@ -102,3 +130,38 @@ def test_stop_strings_end_completions(policy_and_tokenizer):
     stopped = sampler.generate(prompts, SamplingParams(n=8, max_new_tokens=12, stop=(stop,)))
     hits = [g for g in stopped if g.finish_reason == "stop" and g.text.endswith(stop)]
     assert hits and all(len(g.token_ids) == len(g.logprobs) and tokenizer.pad_token_id not in g.token_ids[-1:] for g in hits)
+
+
+def _gradients(learner: Learner, batch) -> list[torch.Tensor]:
+    learner.step(chunks_of(batch, 3))
+    return [p.grad.detach().clone() for p in learner.policy.parameters()]
+
+
+def test_activation_checkpointing_gives_the_same_gradients(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    batch = make_batch(tokenizer)
+    plain = _gradients(Learner(copy.deepcopy(policy), LearnerConfig(grad_clip=1e9), PG, tokenizer.pad_token_id), batch)
+    recomputed_cfg = LearnerConfig(grad_clip=1e9, activation_checkpointing=True)
+    recomputed = _gradients(Learner(copy.deepcopy(policy), recomputed_cfg, PG, tokenizer.pad_token_id), batch)
+    for a, b in zip(plain, recomputed):
+        assert torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+
+
+def test_bf16_mixed_keeps_float32_weights_and_state_and_follows_the_fp32_gradient(policy_and_tokenizer):
+    policy, tokenizer = policy_and_tokenizer
+    batch = make_batch(tokenizer)
+    exact = torch.cat([g.flatten() for g in _gradients(Learner(copy.deepcopy(policy), LearnerConfig(grad_clip=1e9), PG, tokenizer.pad_token_id), batch)])
+    mixed_learner = Learner(copy.deepcopy(policy), LearnerConfig(grad_clip=1e9, precision="bf16-mixed"), PG, tokenizer.pad_token_id)
+    mixed = torch.cat([g.flatten() for g in _gradients(mixed_learner, batch)])
+    assert all(p.dtype == torch.float32 for p in mixed_learner.policy.parameters())
+    assert all(v.dtype == torch.float32 for state in mixed_learner.optimizer.state.values() for v in state.values() if v.dim())
+    assert torch.nn.functional.cosine_similarity(exact, mixed, dim=0) > 0.99
+
+
+def test_precision_must_match_the_weights_dtype():
+    from dash_core.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="learner.precision=bf16 keeps bfloat16 weights: set model.dtype=bfloat16"):
+        load_config(overrides=["learner.precision=bf16"])
+    assert load_config(overrides=["learner.precision=bf16", "model.dtype=bfloat16"]).learner.precision == "bf16"
+    assert load_config(overrides=["learner.precision=bf16-mixed"]).model.dtype == "float32"
