@@ -11,7 +11,7 @@ from pathlib import Path
 
 import yaml
 
-from dash_core.config import ConfigError, DashConfig, load_config
+from dash_core.config import DEFAULT_TRACKING_URI, ConfigError, DashConfig, load_config
 from dash_core.presets import Preset
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
@@ -60,7 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="rebuild a sweep's report from MLflow")
     report.add_argument("--experiment", required=True, help="the sweep's MLflow experiment")
     report.add_argument("--run", help="the sweep's parent run id (default: the latest sweep in the experiment)")
-    report.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    report.add_argument("--tracking-uri", help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
     report.add_argument("--out", default="reports", help="folder for report.md and the plots")
 
     serve = commands.add_parser("serve", help="run a vLLM inference server that training runs can sync weights to")
@@ -204,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
         from dash_core.report import build_report
 
         try:
-            folder = build_report(args.tracking_uri, args.experiment, Path(args.out) / args.experiment, args.run)
+            uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+            folder = build_report(uri, args.experiment, Path(args.out) / args.experiment, args.run)
         except ValueError as exc:
             print(f"dashrl: {exc}", file=sys.stderr)
             return 1
