@@ -44,10 +44,11 @@ def run_mode(mode: str, args: argparse.Namespace) -> None:
     else:
         from dash_core.run import TrainingRun
         from dash_core.timing import steady_heap
+        from flows.train import dash_step  # the same phases, without the flow around them
 
         run = TrainingRun.start(config)
         with steady_heap():
-            run.train(args.iterations)
+            run.train(args.iterations, dash_step)
         run.save()
         run.tracker.finish()
         run_id = run.run_id

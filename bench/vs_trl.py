@@ -97,8 +97,8 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
 
     from dash_core.config import DashConfig
     from dash_core.data import build_task
-    from dash_core.grading import grade
     from dash_core.prompts import encode_prompts
+    from dash_core.rewards.grading import grade
 
     torch.set_num_threads(args.threads)
     config = DashConfig.model_validate(settings(args))

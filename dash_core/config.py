@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
+
+from dash_core.rules import RULES
 
 SECRET_WORDS = ("key", "secret", "token", "password", "credential")
 MASKED = "***"
@@ -135,7 +137,11 @@ class SamplerConfig(Section):
 class AlgoConfig(Section):
     """The update rule and its knobs (dash_core/rules.py has the formulas)."""
 
-    rule: Literal["pg", "grpo", "ppo_multi", "ppo_mini", "sft"] = "pg"
+    rule: str = Field(
+        "pg",
+        description="the update rule, one of dash_core.rules.RULES",
+        json_schema_extra=lambda schema: schema.update(enum=list(RULES)),  # the form offers the registry's rules
+    )
     tau: float = Field(0.1, ge=0, description="gradient filter: drop samples with |A| < tau; 0 keeps all")
     scale_std: bool = Field(True, description="divide group-centred rewards by the group's std")
     beta: float = Field(0.0, ge=0, description="KL coefficient to a frozen reference (k3); 0 loads no reference")
@@ -144,6 +150,13 @@ class AlgoConfig(Section):
     sft_source: Literal["human", "teacher"] = Field("human", description="sft: human solutions, or a teacher's correct traces")
     teacher: str | None = Field(None, description="sft teacher: model id or directory ('sweep:<preset>' inside a sweep)")
     max_empty_iterations: int = Field(20, gt=0, description="stop after this many iterations in a row with nothing kept")
+
+    @field_validator("rule")
+    @classmethod
+    def _registered(cls, rule: str) -> str:
+        if rule not in RULES:
+            raise ValueError(f"unknown update rule {rule!r} (choose from {', '.join(RULES)})")
+        return rule
 
 
 class LearnerConfig(Section):
@@ -252,7 +265,7 @@ class DashConfig(Section):
         remote = self.sampler.remote
         if self.sampler.backend == "remote" and not (remote.urls or remote.launch):
             raise ValueError("sampler.backend=remote needs servers: sampler.remote.urls and/or sampler.remote.launch > 0")
-        if self.algo.rule == "sft" and self.algo.sft_source == "teacher" and not self.algo.teacher:
+        if RULES[self.algo.rule].learns_from == "traces" and self.algo.sft_source == "teacher" and not self.algo.teacher:
             raise ValueError("algo.sft_source=teacher needs algo.teacher: a stronger model's id or directory")
         if self.task.name != "arithmetic" and not self.eval.datasets:
             raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")

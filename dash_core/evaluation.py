@@ -12,10 +12,9 @@ from statistics import mean
 from dash_core.config import DashConfig
 from dash_core.data import build_task, eval_sets
 from dash_core.data.problem import Problem
-from dash_core.grading import grade
-from dash_core.models import load_policy
 from dash_core.prompts import encode_prompts
-from dash_core.samplers import Sampler, SamplingParams, build_sampler
+from dash_core.rewards.grading import grade
+from dash_core.samplers import Sampler, SamplingParams, policy_sampler
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +76,15 @@ def evaluate_sets(
 
 
 def eval_sampling(config: DashConfig) -> SamplingParams:
-    s, e = config.sampler, config.eval
-    return SamplingParams(e.n, e.max_new_tokens or s.max_new_tokens, e.temperature, s.top_p, s.top_k, tuple(s.stop))
+    """The sampler's shaping at the evaluation's temperature, length and samples per problem."""
+    e = config.eval
+    return SamplingParams.from_config(config.sampler, e.n, temperature=e.temperature, max_new_tokens=e.max_new_tokens)
 
 
 def evaluate_model(config: DashConfig) -> dict[str, EvalResult]:
     """Score `config.model` on `config.eval.datasets` (or, when that is empty, the task's held-out set)."""
-    policy, tokenizer = load_policy(config.model, config.seed)
-    sampler = build_sampler(config.sampler, policy, tokenizer, config.seed, tempfile.mkdtemp(prefix="dash-eval-"))
+    sync_dir = tempfile.mkdtemp(prefix="dash-eval-")
+    _, tokenizer, sampler = policy_sampler(config.model, config.sampler, config.seed, sync_dir)
     sets = eval_sets(config, None if config.eval.datasets else build_task(config.task, config.seed))
     sampling = eval_sampling(config)
     for name, problems in sets.items():

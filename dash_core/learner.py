@@ -1,7 +1,7 @@
-"""The learner: chunked forward+backward over the kept samples, one optimizer step per sampled batch.
+"""The learner: chunked forward+backward over the kept samples, and the update rule's optimizer steps.
 
 Micro-batches (chunks) are sized for the learner's memory, independently of the sampling batch; their gradients
-accumulate into one step. The learner also recomputes the log-probabilities of the sampled tokens, and the gap to
+accumulate into one step. Warm-up, RL and supervised baselines all learn through it. The learner also recomputes the log-probabilities of the sampled tokens, and the gap to
 the sampler's values shows whether the samples really were on-policy.
 """
 
@@ -17,7 +17,10 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from dash_core.config import AlgoConfig, LearnerConfig
-from dash_core.rules import RULES, k3
+from dash_core.rules import RULES, normalise, objective
+from dash_core.store import BatchManifest, RunStore
+
+LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]  # what a learner reads of a batch
 
 
 class NonFiniteLossError(RuntimeError):
@@ -127,6 +130,9 @@ def _head_is_plain(policy: PreTrainedModel) -> bool:
 
 
 class Learner:
+    """The policy's optimizer and its update rule: reads the kept rows of a batch from the rollout store in its own
+    micro-batches and turns them into the rule's optimizer steps."""
+
     def __init__(
         self,
         policy: PreTrainedModel,
@@ -137,15 +143,28 @@ class Learner:
     ):
         self.policy = policy
         self.cfg = cfg
+        self.algo = algo
         self.rule = RULES[algo.rule]
-        self.clip_eps = algo.clip_eps
-        self.beta = algo.beta
         self.pad_id = pad_id
         self.reference = reference
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mixed = cfg.precision == "bf16-mixed"  # float32 weights and Adam state, bfloat16 matmuls
+        self.partial = False  # some, not all, of a batch's optimizer steps are in the weights: no state to save
+
+    def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
+        """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics."""
+        steps: list[LearnStats] = []
+        self.partial = True
+        for rows in self.rule.optimizer_steps(manifest.kept, self.algo.ppo_steps):
+            try:
+                steps.append(self.step(store.kept_chunks(manifest, self.cfg.micro_batch_size, LEARNER_COLUMNS, rows)))
+            except NonFiniteLossError:
+                self.partial = bool(steps)  # the guard takes no step: without earlier steps the weights are clean
+                raise
+        self.partial = False
+        return self.rule.reported(LearnStats.combine(steps).metrics(), self.algo.beta)
 
     def _forward_precision(self) -> torch.autocast:
         return torch.autocast(self.policy.device.type, dtype=torch.bfloat16, enabled=self.mixed)
@@ -159,7 +178,7 @@ class Learner:
 
     def step(self, chunks: Iterable[dict[str, list]]) -> LearnStats:
         """One optimizer step over `chunks` (columns prompt_ids, completion_ids, advantage, sampler_logprobs)."""
-        if self.beta > 0 and self.reference is None:
+        if self.algo.beta > 0 and self.reference is None:
             raise ValueError("a KL penalty (algo.beta > 0) needs a reference model: set learner.reference first")
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -170,13 +189,11 @@ class Learner:
             with self._forward_precision():
                 logp, mask = completion_logprobs(self.policy, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
                 tensors = self._tensors(chunk, logp.shape)
-                loss, clipped = self.rule(logp, mask, tensors, self.clip_eps)
-                if self.beta > 0:
+                ref = None
+                if self.algo.beta > 0:
                     with torch.no_grad():
                         ref, _ = completion_logprobs(self.reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
-                    kl = (k3(logp, ref) * mask).sum()
-                    loss = loss + self.beta * kl
-                    stats.kl_sum += kl.item()
+                loss, kl, clipped = objective(self.rule, logp, mask, tensors, ref, self.algo.clip_eps, self.algo.beta)
             _synchronize(logp.device)
             middle = time.perf_counter()
             loss.backward()
@@ -187,15 +204,14 @@ class Learner:
             gap_sum += gap.sum().item()
             stats.gap_max = max(stats.gap_max, gap.max().item())
             stats.loss_sum += loss.item()
+            stats.kl_sum += kl.item()
             stats.clipped += clipped.item()
             stats.sequences += len(chunk["prompt_ids"])
             stats.tokens += int(mask.sum().item())
         if stats.sequences == 0:
             return stats
         stats.gap_mean = gap_sum / stats.tokens
-        for param in self.policy.parameters():  # token-level normalisation over the whole step
-            if param.grad is not None:
-                param.grad /= stats.tokens
+        normalise(self.policy.parameters(), stats.tokens)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip).item()
         if not (math.isfinite(stats.loss_sum) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)

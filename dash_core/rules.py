@@ -1,59 +1,102 @@
-"""Update rules, registered by name, and how each splits a sampled batch into optimizer steps.
+"""Update rules and the whole objective: each rule is one record in `RULES`; the per-token losses, the KL term and
+the token-level normalisation are all below.
 
-A rule maps a chunk's per-token log-probabilities to the SUM of its per-token losses; the learner divides the
-accumulated gradient by the number of completion tokens in the optimizer step, so the loss is token-level (every
-token weighs the same whatever its completion's length) and chunking never changes the gradient.
+The objective of an optimizer step over the kept completions (tokens t, advantages A, the sampler's log-probs old):
 
-- pg (DASH):      l = -A * log pi(t). One step per sampled batch keeps samples exactly on-policy: no ratio, no clip.
-- grpo, ppo_*:    r = pi(t) / pi_old(t), l = -min(r * A, clip(r, 1 - eps, 1 + eps) * A), with pi_old the sampler's
-                  log-probabilities. grpo takes one step per (small) batch; ppo_multi takes K steps over the whole
-                  batch; ppo_mini splits it into K minibatches, one step each. With K = 1 all equal pg.
-- sft:            l = -log pi(t) on kept traces (advantage 1): human solutions or a teacher's correct traces.
-- KL (any rule):  + beta * k3, k3 = exp(ref - logp) - (ref - logp) - 1, against a frozen reference, when beta > 0.
+    L = (1 / T) * sum_t [ loss_rule(t) + beta * k3(t) ],   T = completion tokens in the step
+
+- pg (DASH):   loss = -A * log pi(t). One step per sampled batch keeps samples exactly on-policy: no ratio, no clip.
+- clipped:     r = pi(t) / pi_old(t), loss = -min(r * A, clip(r, 1 - eps, 1 + eps) * A). `grpo` takes one step per
+               (small) batch, `ppo_multi` K passes over the whole batch (TRL's num_iterations), `ppo_mini` K
+               minibatches, one step each (TRL's steps_per_generation); K = algo.ppo_steps. With K = 1 all equal pg.
+- sft:         loss = -log pi(t) on supervised traces (advantage 1): human solutions or a teacher's correct traces.
+- KL (any rule, algo.beta > 0): k3 = exp(ref - logp) - (ref - logp) - 1 against a frozen reference.
+
+Every token weighs the same whatever its completion's length, and since the learner sums losses over chunks and
+divides the gradient by T once (`normalise`), chunking never changes the gradient.
+
+Adding a rule is one `UpdateRule` in `RULES` plus a preset file in configs/. This module imports no torch, so the
+config can list the rules without loading it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    from torch import Tensor
+    from torch.nn import Parameter
 
-# (logp, mask, chunk tensors, clip_eps) -> (summed loss, summed count of clipped tokens)
-UpdateRule = Callable[[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], float], tuple[torch.Tensor, torch.Tensor]]
-
-
-def policy_gradient(logp: torch.Tensor, mask: torch.Tensor, chunk: dict[str, torch.Tensor], clip_eps: float):
-    return -(chunk["advantage"][:, None] * logp * mask).sum(), torch.zeros(())
+# (log pi, log pi_old, advantage per row as a column, clip eps) -> (per-token loss, per-token 1.0 where clipped)
+TokenLoss = Callable[["Tensor", "Tensor", "Tensor", float], tuple["Tensor", "Tensor"]]
 
 
-def clipped_ratio(logp: torch.Tensor, mask: torch.Tensor, chunk: dict[str, torch.Tensor], clip_eps: float):
-    ratio = torch.exp(logp - chunk["sampler_logprobs"])
-    advantage = chunk["advantage"][:, None]
+def policy_gradient(logp: Tensor, old: Tensor, advantage: Tensor, clip_eps: float) -> tuple[Tensor, Tensor]:
+    return -advantage * logp, logp.new_zeros(logp.shape)
+
+
+def clipped_ratio(logp: Tensor, old: Tensor, advantage: Tensor, clip_eps: float) -> tuple[Tensor, Tensor]:
+    ratio = (logp - old).exp()
     unclipped, clipped = ratio * advantage, ratio.clamp(1 - clip_eps, 1 + clip_eps) * advantage
-    loss = -torch.minimum(unclipped, clipped)
-    return (loss * mask).sum(), ((clipped < unclipped).float() * mask).sum()
+    return -unclipped.minimum(clipped), (clipped < unclipped).float()
 
 
-def k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+def k3(logp: Tensor, ref_logp: Tensor) -> Tensor:
     """Per-token KL(pi || ref) estimate: non-negative, unbiased, zero where the two agree."""
     delta = ref_logp - logp
-    return torch.exp(delta) - delta - 1
+    return delta.exp() - delta - 1
+
+
+@dataclass(frozen=True)
+class UpdateRule:
+    """Everything that differs between update rules."""
+
+    loss: TokenLoss
+    split: Literal["once", "passes", "minibatches"] = "once"  # the kept batch as 1, K or K optimizer steps
+    learns_from: Literal["samples", "traces"] = "samples"  # the policy's own samples, or supervised traces
+    clips: bool = False  # reports train/clip_fraction
+
+    def optimizer_steps(self, rows: int, k: int) -> list[range]:
+        """The rows of the kept batch that each optimizer step learns from."""
+        if self.split == "passes":
+            return [range(rows)] * k
+        if self.split == "minibatches":
+            bounds = [round(i * rows / k) for i in range(k + 1)]
+            return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        return [range(rows)]
+
+    def reported(self, metrics: dict[str, float], beta: float) -> dict[str, float]:
+        """The learner's metrics that mean something for this rule."""
+        left_out = {"train/kl"} if beta == 0 else set()
+        if not self.clips:
+            left_out.add("train/clip_fraction")
+        if self.learns_from == "traces":  # not sampled from the policy: there is no on-policy gap to check
+            left_out |= {"logprob_gap/mean", "logprob_gap/max"}
+        return {k: v for k, v in metrics.items() if k not in left_out}
 
 
 RULES: dict[str, UpdateRule] = {
-    "pg": policy_gradient,
-    "grpo": clipped_ratio,
-    "ppo_multi": clipped_ratio,
-    "ppo_mini": clipped_ratio,
-    "sft": policy_gradient,
+    "pg": UpdateRule(policy_gradient),
+    "grpo": UpdateRule(clipped_ratio, clips=True),
+    "ppo_multi": UpdateRule(clipped_ratio, split="passes", clips=True),
+    "ppo_mini": UpdateRule(clipped_ratio, split="minibatches", clips=True),
+    "sft": UpdateRule(policy_gradient, learns_from="traces"),
 }
 
 
-def optimizer_steps(rule: str, rows: int, k: int) -> list[range]:
-    """The rows of the (kept) batch that each optimizer step learns from."""
-    if rule == "ppo_multi":
-        return [range(rows)] * k
-    if rule == "ppo_mini":
-        bounds = [round(i * rows / k) for i in range(k + 1)]
-        return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
-    return [range(rows)]
+def objective(
+    rule: UpdateRule, logp: Tensor, mask: Tensor, chunk: dict[str, Tensor], ref_logp: Tensor | None, clip_eps: float, beta: float
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A chunk's summed objective (before `normalise`), its summed KL and its count of clipped tokens."""
+    loss, clipped = rule.loss(logp, chunk["sampler_logprobs"], chunk["advantage"][:, None], clip_eps)
+    kl = k3(logp, ref_logp) if ref_logp is not None else logp.new_zeros(logp.shape)
+    return ((loss + beta * kl) * mask).sum(), (kl * mask).sum(), (clipped * mask).sum()
+
+
+def normalise(parameters: Iterable[Parameter], tokens: int) -> None:
+    """Token-level normalisation: the step's summed gradient divided by its completion tokens."""
+    for param in parameters:
+        if param.grad is not None:
+            param.grad /= tokens

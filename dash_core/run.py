@@ -1,43 +1,45 @@
 """A training run's working parts and the phases of one iteration, free of any orchestration.
 
-`TrainingRun` holds what lives in memory for the whole run (policy, sampler, learner, task, store, tracker);
-each phase method takes and returns small values (rollouts, a batch manifest, metrics), so an orchestrator can
-wrap every phase as a task and the phases stay testable alone.
+`TrainingRun` holds what lives in memory for the whole run (policy, sampler, learner, task, store, tracker) and
+its counters (iteration, samples, training time, what MLflow holds). Each phase method takes and returns small
+values (rollouts, a scored batch, a batch manifest) and adds its metrics to the iteration's, so the flow writes
+the algorithm as a sequence of named, timed phases (`flows/train.py`); `train` runs that sequence with the
+bookkeeping around it: budgets, checkpoints, timing and logging.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import torch
 
 from dash_core.advantages import gradient_filter, group_advantages
+from dash_core.batch import Rollouts, ScoredBatch
 from dash_core.checkpoint import Checkpointer, load_latest, set_rng_state
 from dash_core.config import DashConfig
 from dash_core.data import Problem, Task
-from dash_core.evaluation import eval_sampling, evaluate, evaluate_sets
-from dash_core.grading import grade
-from dash_core.learner import Learner, LearnStats, NonFiniteLossError
-from dash_core.models import load_policy, save_model
+from dash_core.evaluation import eval_sampling, evaluate_sets
+from dash_core.learner import Learner
+from dash_core.models import save_model
 from dash_core.preflight import check_run
 from dash_core.prompts import encode_prompts
-from dash_core.rules import optimizer_steps
-from dash_core.samplers import Generation, Sampler, SamplingParams, build_sampler
-from dash_core.sft import solution_ids, train_supervised
+from dash_core.rewards.grading import Grades, grade
+from dash_core.rules import RULES
+from dash_core.samplers import SamplingParams, policy_sampler
 from dash_core.store import BatchManifest, RunStore
 from dash_core.timing import timed
+from dash_core.traces import Teacher, as_generations
 from dash_core.tracking import Tracker, dataset_inputs
+from dash_core.warmup import WarmUp
 
 log = logging.getLogger(__name__)
 ITERATION_KEY = "reward/mean"  # logged by every iteration: the steps MLflow holds iterations for
-LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]
+Step = Callable[["TrainingRun", int], None]  # one iteration's phases, as the flow writes them
 
 
 def run_name(config: DashConfig) -> str:
@@ -67,17 +69,6 @@ def _nothing_left(iterations: int, reward_mean: float) -> str:
     return why + "so no sample carries a gradient: use a larger sampler.group_size or a lower algo.tau."
 
 
-@dataclass
-class Rollouts:
-    """One preemptive batch: M problems and their M x `group` completions, prompt-major."""
-
-    iteration: int
-    problems: list[Problem]
-    prompt_ids: list[list[int]]
-    generations: list[Generation]
-    group: int
-
-
 class TrainingRun:
     def __init__(
         self,
@@ -94,15 +85,17 @@ class TrainingRun:
         if config.threads:
             torch.set_num_threads(config.threads)
         self.task, self.eval_sets = data
-        self.policy, self.tokenizer = load_policy(config.model, config.seed, path=checkpoint_dir)
         self.sync_dir = self._sync_dir()
-        self.sampler = build_sampler(config.sampler, self.policy, self.tokenizer, config.seed, self.sync_dir)
+        self.policy, self.tokenizer, self.sampler = policy_sampler(
+            config.model, config.sampler, config.seed, self.sync_dir, path=checkpoint_dir
+        )
         self.learner = Learner(self.policy, config.learner, config.algo, self.tokenizer.pad_token_id)
-        self.teacher: Sampler | None = None  # loaded on first use, by sft from a teacher only
+        self.rule = RULES[config.algo.rule]
+        self.warmup = WarmUp(config, self.policy, self.tokenizer, self.task, self.sampler, self.encode, self.sampling(1))
+        self.teacher = Teacher(config)
         self.checkpointer = Checkpointer(store, self.tokenizer, config.checkpoint.keep)
         self.checkpoint_clock = time.monotonic()  # when the last checkpoint was taken (checkpoint.every_minutes)
         self.iteration = 0  # iterations whose update is in the weights
-        self.updating = False  # an optimizer step of the next iteration may be in the weights: not a state to save
         self.samples_total = 0  # samples of the iterations counted in `iteration`
         self.train_seconds = 0.0  # whole iterations (sample .. checkpoint), summed: what budgets count
         self.empty_iterations = 0
@@ -179,8 +172,8 @@ class TrainingRun:
             run.evaluated = set(tracker.history(run.eval_key))
             if checkpoint:
                 run.restore(checkpoint.iteration, checkpoint.trainer_state)
-            elif config.warmup.steps and run._warmup_cache().exists("done.json"):
-                run._load_warmup(run.policy)
+            elif config.warmup.steps and run.warmup.cached:
+                run.warmup.load_into(run.policy)
                 run.warm = True
             run.replay()
         log.info("resumed run %s at iteration %d", run_id, run.iteration)
@@ -201,9 +194,10 @@ class TrainingRun:
         restored = self.iteration
         while self.store.has_batch(self.iteration + 1):
             manifest = self.store.manifest(self.iteration + 1)
-            metrics = manifest.metrics | self.learn(manifest)
+            self.metrics = dict(manifest.metrics)
+            self.learn(manifest)
             if manifest.iteration not in self.logged:  # timings are the replay's, not the iteration's: left out
-                self.log({k: v for k, v in metrics.items() if not k.startswith("time/")}, manifest.iteration)
+                self.log({k: v for k, v in self.metrics.items() if not k.startswith("time/")}, manifest.iteration)
         if self.iteration > restored:
             log.info("replayed iterations %d-%d from the rollout store", restored + 1, self.iteration)
         newest = max(self.logged, default=0)
@@ -224,210 +218,118 @@ class TrainingRun:
             or (cfg.budget_samples and self.samples_total >= cfg.budget_samples)
         )
 
-    def train(self, until: int, on_iteration: Callable[[int, dict[str, float]], None] = lambda *_: None) -> None:
-        """Iterations up to `until`, or until a budget is spent; each is logged to MLflow as it ends."""
+    def train(self, until: int, step: Step, on_iteration: Callable[[int, dict[str, float]], None] = lambda *_: None) -> None:
+        """Iterations up to `until`, or until a budget is spent: each runs `step` (the phases), then a checkpoint
+        when one is due; its metrics go to MLflow as it ends.
+
+        `time/iteration_s` is an iteration's whole wall-clock on the loop, from the end of the previous one (or of
+        an evaluation): its phases plus whatever the orchestration and logging around them cost. Budgets count it."""
         while self.iteration < until and not self.budget_spent():
             iteration = self.iteration + 1
-            metrics = self.step(iteration)
-            self.log(metrics, iteration)
-            on_iteration(iteration, metrics)
+            cycle_start = self.cycle_start or time.perf_counter()
+            self.metrics = {}
+            step(self, iteration)
+            self.train_seconds += time.perf_counter() - cycle_start  # before the snapshot, which holds it
+            with self.phase("checkpoint"):
+                if self.checkpoint_due():
+                    self.checkpoint()
+            self.train_seconds += self.metrics["time/checkpoint_s"]
+            self.cycle_start = time.perf_counter()
+            self.metrics |= {"time/iteration_s": self.cycle_start - cycle_start, "time/train_s": self.train_seconds}
+            self.log(self.metrics, iteration)
+            on_iteration(iteration, self.metrics)
 
-    def step(self, iteration: int) -> dict[str, float]:
-        """One DASH iteration: sample the preemptive batch -> reward, group advantages and the gradient filter (the
-        batch goes to the rollout store) -> learn from the kept samples -> sync the samplers -> checkpoint when due.
-
-        Every phase is timed as `time/<phase>_s`. `time/iteration_s` is the iteration's whole wall-clock on the
-        loop, from the end of the previous one (or of an evaluation): its phases plus whatever the orchestration and
-        logging around them cost. Budgets count it."""
-        cycle_start = self.cycle_start or time.perf_counter()
-        self.metrics = metrics = {}
-        with timed(metrics, "time/sample_s"):
-            rollouts = self.sample(iteration)
-        with timed(metrics, "time/reward_s"):
-            manifest, scores = self.score(rollouts)
-        metrics |= scores
-        with timed(metrics, "time/learn_s"):
-            metrics |= self.learn(manifest)
-        with timed(metrics, "time/sync_s"):
-            self.sync()
-        self.train_seconds += time.perf_counter() - cycle_start  # before the snapshot, which holds it
-        with timed(metrics, "time/checkpoint_s"):
-            if self.checkpoint_due():
-                self.checkpoint()
-        self.train_seconds += metrics["time/checkpoint_s"]
-        self.cycle_start = time.perf_counter()
-        metrics["time/iteration_s"] = self.cycle_start - cycle_start
-        metrics["time/train_s"] = self.train_seconds
-        return metrics
+    @contextmanager
+    def phase(self, name: str) -> Iterator[None]:
+        """Time a phase of the iteration as `time/<name>_s` (verl's marked timer)."""
+        with timed(self.metrics, f"time/{name}_s"):
+            yield
 
     # -- phases ------------------------------------------------------------------------------------------------
     def warm_up(self) -> dict[str, float]:
-        """Supervised warm-up on the task's human solutions, cached in the store by everything it depends on."""
-        cfg = self.config
-        cache = self._warmup_cache()
-        start = time.perf_counter()
-        if cache.exists("done.json"):
-            self._load_warmup(self.policy)
-            losses = cache.read_json("done.json")["losses"]
-        else:
-            batches = (
-                self.task.train_problems(step, cfg.warmup.batch_size, stream="warmup")
-                for step in range(cfg.warmup.steps)
-            )
-            losses = train_supervised(
-                self.policy, self.tokenizer, batches, cfg.warmup.lr, cfg.model.use_chat_template, done=self._warm_enough
-            )
-            with tempfile.TemporaryDirectory() as tmp:
-                cache.put_dir(self.save_policy(tmp), "model")
-            cache.write_json("done.json", {"losses": losses})
+        """Supervised warm-up (see `WarmUp`); the samplers then hold the warmed-up weights."""
+        metrics = self.warmup.run()
         self.sync()
         self.warm = True
-        return {"warmup/loss": losses[-1], "warmup/steps": len(losses), "time/warmup_s": time.perf_counter() - start}
-
-    def _warmup_cache(self) -> RunStore:
-        cfg = self.config
-        depends_on = [cfg.model.model_dump(), cfg.task.model_dump(), cfg.warmup.model_dump(), cfg.seed]
-        if cfg.warmup.target_accuracy is not None:  # the check that ends it samples
-            depends_on.append(asdict(self.sampling(1)))
-        key = hashlib.sha256(json.dumps(depends_on).encode()).hexdigest()[:16]
-        return RunStore(cfg.store.url, f"warmup/{key}", cfg.store.storage_options)
-
-    def _load_warmup(self, model: torch.nn.Module) -> None:
-        with tempfile.TemporaryDirectory() as tmp:
-            self._warmup_cache().get_dir("model", tmp)
-            cached, _ = load_policy(self.config.model, path=tmp)
-        model.load_state_dict(cached.state_dict())
-
-    def _reference(self) -> torch.nn.Module:
-        """The frozen KL reference: the policy as RL found it (the base model, after the warm-up if there was one)."""
-        reference, _ = load_policy(self.config.model, self.config.seed)
-        if self.config.warmup.steps:
-            self._load_warmup(reference)
-        return reference.eval().requires_grad_(False)
-
-    def _warm_enough(self, step: int) -> bool:
-        target, every = self.config.warmup.target_accuracy, self.config.warmup.check_every
-        if target is None or step % every:
-            return False
-        problems = self.task.train_problems(0, 256, stream="warmup-check")
-        self.sync()  # vLLM engines and servers hold their own copy of the weights
-        result = evaluate("warmup", problems, self.encode(problems), self.sampler, self.sampling(1))
-        return result.metrics["eval/warmup/sampled_accuracy"] >= target
+        return metrics
 
     def encode(self, problems: list[Problem]) -> list[list[int]]:
         return encode_prompts(self.tokenizer, problems, self.config.model.use_chat_template)
 
     def sampling(self, n: int) -> SamplingParams:
-        cfg = self.config.sampler
-        return SamplingParams(n, cfg.max_new_tokens, cfg.temperature, cfg.top_p, cfg.top_k, tuple(cfg.stop))
+        return SamplingParams.from_config(self.config.sampler, n)
 
     def sample(self, iteration: int) -> Rollouts:
-        """M prompts x G completions from the policy (sft: human solutions, or a teacher's completions)."""
+        """M prompts x G completions from the policy; for a rule that learns from traces, human solutions or a
+        teacher's completions instead."""
         cfg, algo = self.config.sampler, self.config.algo
         problems = self.task.train_problems(iteration, cfg.prompts_per_iteration)
         prompt_ids = self.encode(problems)
         torch.manual_seed(self.config.seed * 1_000_003 + iteration)
-        if algo.rule != "sft":
+        if self.rule.learns_from == "samples":
             gens = self.sampler.generate(prompt_ids, self.sampling(cfg.group_size))
             return Rollouts(iteration, problems, prompt_ids, gens, cfg.group_size)
         if algo.sft_source == "human":
-            return Rollouts(iteration, problems, prompt_ids, self._traces([p.solution for p in problems]), 1)
-        texts = [g.text for g in self._teacher().generate(prompt_ids, self.sampling(cfg.group_size))]
-        return Rollouts(iteration, problems, prompt_ids, self._traces(texts), cfg.group_size)
+            return Rollouts(iteration, problems, prompt_ids, as_generations(self.tokenizer, [p.solution for p in problems]), 1)
+        texts = self.teacher.complete(prompt_ids, self.sampling(cfg.group_size))
+        return Rollouts(iteration, problems, prompt_ids, as_generations(self.tokenizer, texts), cfg.group_size)
 
-    def _traces(self, texts: list[str]) -> list[Generation]:
-        """Supervised targets in the policy's own tokens; they have no sampler log-probabilities."""
-        ids = solution_ids(self.tokenizer, texts)
-        return [Generation(t, [0.0] * len(t), text, "stop") for t, text in zip(ids, texts)]
-
-    def _teacher(self) -> Sampler:
-        """The sft teacher shares the policy's tokenizer, so its prompts are the policy's."""
-        if self.teacher is None:
-            model_cfg = self.config.model.model_copy(update={"name": self.config.algo.teacher})
-            teacher, tokenizer = load_policy(model_cfg, self.config.seed)
-            sampler_cfg = self.config.sampler
-            if sampler_cfg.backend == "remote":  # remote servers serve the policy, not the teacher
-                sampler_cfg = sampler_cfg.model_copy(update={"backend": "transformers"})
-            self.teacher = build_sampler(sampler_cfg, teacher.eval(), tokenizer, self.config.seed, tempfile.mkdtemp())
-        return self.teacher
-
-    def score(self, rollouts: Rollouts) -> tuple[BatchManifest, dict[str, float]]:
-        """Reward, group advantages and the gradient filter; the batch is written to the rollout store once.
-
-        For sft every kept trace gets advantage 1 (the loss is then the NLL); a teacher's traces are kept only
-        when they are correct, human solutions always."""
-        group, algo = rollouts.group, self.config.algo
-        problems = [p for p in rollouts.problems for _ in range(group)]
+    def grade(self, rollouts: Rollouts) -> Grades:
+        """Each completion against its problem's reference (math answer or code tests), in a bounded time."""
         gens = rollouts.generations
-        grades = grade(problems, [g.text for g in gens])
+        grades = grade(rollouts.problem_of_each(), [g.text for g in gens])
         rewards = torch.tensor(grades.rewards, dtype=torch.float32)
-        if algo.rule == "sft":
-            advantages = torch.ones_like(rewards)
-            kept = rewards >= 0.5 if algo.sft_source == "teacher" else torch.ones_like(rewards, dtype=torch.bool)
-        else:
-            advantages = group_advantages(rewards.view(-1, group), algo.scale_std).flatten()
-            kept = gradient_filter(advantages, algo.tau)
-        columns = {
-            "iteration": [rollouts.iteration] * len(gens),
-            "problem_id": [p.id for p in problems],
-            "group": [i // group for i in range(len(gens))],
-            "prompt": [p.prompt for p in problems],
-            "completion": [g.text for g in gens],
-            "prompt_ids": [rollouts.prompt_ids[i // group] for i in range(len(gens))],
-            "completion_ids": [g.token_ids for g in gens],
-            "sampler_logprobs": [g.logprobs for g in gens],
-            "finish_reason": [g.finish_reason for g in gens],
-            "reward": rewards.tolist(),
-            "advantage": advantages.tolist(),
-            "kept": kept.tolist(),
-        }
-        metrics = {
+        self.metrics |= {
             "reward/mean": rewards.mean().item(),
             "reward/std": rewards.std().item() if len(gens) > 1 else 0.0,
             "reward/cut_off": float(grades.cut_off),
+            "gen/length_mean": sum(len(g.token_ids) for g in gens) / len(gens),
+        }
+        return grades
+
+    def advantages(self, rollouts: Rollouts, grades: Grades) -> ScoredBatch:
+        """Group-normalised advantages and the gradient filter (|A| >= tau), before any learner forward pass.
+
+        Traces get advantage 1 (the loss is then their NLL); a teacher's are kept only when correct, human
+        solutions always."""
+        algo = self.config.algo
+        rewards = torch.tensor(grades.rewards, dtype=torch.float32)
+        if self.rule.learns_from == "traces":
+            advantages = torch.ones_like(rewards)
+            kept = rewards >= 0.5 if algo.sft_source == "teacher" else torch.ones_like(rewards, dtype=torch.bool)
+        else:
+            advantages = group_advantages(rewards.view(-1, rollouts.group), algo.scale_std).flatten()
+            kept = gradient_filter(advantages, algo.tau)
+        self.metrics |= {
             "train/kept_fraction": kept.float().mean().item(),
             "train/abs_adv_mean": advantages.abs().mean().item(),
             "train/abs_adv_kept_mean": advantages[kept].abs().mean().item() if kept.any() else 0.0,
-            "gen/length_mean": sum(len(g.token_ids) for g in gens) / len(gens),
-            "samples/total": self.samples_total + len(gens),
-        } | ({"sampler/servers": len(self.sampler.servers)} if hasattr(self.sampler, "servers") else {})
-        return self.store.write_batch(rollouts.iteration, columns, metrics), metrics
+        }
+        return ScoredBatch(rollouts, rewards, advantages, kept)
 
-    def learn(self, manifest: BatchManifest) -> dict[str, float]:
-        """Request the kept samples from the store chunk by chunk; one optimizer step (K for ppo_*)."""
+    def write(self, batch: ScoredBatch) -> BatchManifest:
+        """The batch into the rollout store, once, with the iteration's scores: the run's write-ahead log."""
+        self.metrics |= {"samples/total": self.samples_total + len(batch.rewards)}
+        if self.sampler.servers:
+            self.metrics["sampler/servers"] = len(self.sampler.servers)
+        scores = {k: v for k, v in self.metrics.items() if not k.startswith("time/")}
+        return self.store.write_batch(batch.rollouts.iteration, batch.columns(), scores)
+
+    def learn(self, manifest: BatchManifest) -> None:
+        """The learner's optimizer steps over the batch's kept rows; the iteration then counts."""
         if manifest.kept == 0:
             self.empty_iterations += 1
             if self.empty_iterations >= self.config.algo.max_empty_iterations:
                 raise EverythingFilteredError(_nothing_left(self.empty_iterations, manifest.reward_mean))
             log.warning("iteration %d: every group had equal rewards; nothing to learn from", manifest.iteration)
-            self._commit(manifest)
-            return {"train/loss": 0.0, "train/grad_norm": 0.0}
-        self.empty_iterations = 0
-        algo, size = self.config.algo, self.config.learner.micro_batch_size
-        if algo.beta > 0 and self.learner.reference is None:
-            self.learner.reference = self._reference()
-        steps: list[LearnStats] = []
-        self.updating = True
-        for rows in optimizer_steps(algo.rule, manifest.kept, algo.ppo_steps):
-            try:
-                steps.append(self.learner.step(self.store.kept_chunks(manifest, size, LEARNER_COLUMNS, rows)))
-            except NonFiniteLossError:
-                self.updating = bool(steps)  # the guard takes no step: without earlier steps the weights are clean
-                raise
-        self._commit(manifest)
-        metrics = LearnStats.combine(steps).metrics()
-        irrelevant = {"train/kl"} if algo.beta == 0 else set()
-        if algo.rule in ("pg", "sft"):
-            irrelevant.add("train/clip_fraction")
-        if algo.rule == "sft":  # traces were not sampled from the policy: there is no on-policy gap to check
-            irrelevant |= {"logprob_gap/mean", "logprob_gap/max"}
-        return {k: v for k, v in metrics.items() if k not in irrelevant}
-
-    def _commit(self, manifest: BatchManifest) -> None:
-        """The iteration's update is complete: it and its samples count, and the run is a state worth saving."""
+            self.metrics |= {"train/loss": 0.0, "train/grad_norm": 0.0}
+        else:
+            self.empty_iterations = 0
+            if self.config.algo.beta > 0 and self.learner.reference is None:
+                self.learner.reference = self.warmup.reference()
+            self.metrics |= self.learner.learn(self.store, manifest)
         self.iteration = manifest.iteration
         self.samples_total += manifest.rows
-        self.updating = False
 
     def sync(self) -> None:
         self.sampler.load_weights(self.policy)
@@ -469,6 +371,25 @@ class TrainingRun:
         """Checkpoint the current iteration and wait until it is in the store."""
         self.checkpoint()
         self.checkpointer.wait()
+
+    def save_what_is_learned(self) -> None:
+        """After a failure, keep every complete update, so `--resume` loses at most the interrupted iteration."""
+        if self.learner.partial:  # part of an iteration's optimizer steps is in the weights: resume from the last checkpoint
+            try:
+                self.checkpointer.wait()
+            except Exception:
+                log.exception("the checkpoint being written when the run failed is lost")
+            log.warning("the failure came mid-update: resume starts after iteration %d, the last checkpoint", self.checkpointed)
+            return
+        try:
+            self.save()
+        except Exception:
+            log.exception("could not save a checkpoint after the failure; resume starts after iteration %d", self.checkpointed)
+        try:
+            if self.iteration and self.iteration not in self.logged:  # the last complete update's sync or logging failed
+                self.log(self.metrics, self.iteration)
+        except Exception:
+            log.exception("could not log the metrics of iteration %d after the failure", self.iteration)
 
     @property
     def eval_key(self) -> str:

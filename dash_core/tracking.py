@@ -16,10 +16,10 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunStatus
@@ -33,6 +33,8 @@ from dash_core.config import ArithmeticTaskConfig, ConfigError, DashConfig, Data
 from dash_core.data.datasets import DATASETS
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
     from dash_core.data import Problem, Task
 
 log = logging.getLogger(__name__)
@@ -90,12 +92,7 @@ class Tracker:
         if tracking.parent_run_id:
             tags |= {"mlflow.parentRunId": tracking.parent_run_id, "dash.preset": tracking.run_name or ""}
         tracker = cls.new_run(tracking, tracking.run_name or default_name, tags)
-        params = [
-            Param(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
-            for key, value in config.flat().items()
-        ]
-        for start in range(0, len(params), 100):
-            tracker.client.log_batch(tracker.run_id, params=params[start : start + 100])
+        tracker.log_params(config.flat())
         tracker.log_text(config.to_yaml(), CONFIG_ARTIFACT)
         return tracker
 
@@ -128,6 +125,10 @@ class Tracker:
     @property
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id
+
+    @property
+    def tracking_uri(self) -> str:
+        return self.client.tracking_uri
 
     def watch_system(self, every_s: float | None, resumed: bool) -> None:
         """Sample CPU, memory, disk, network (and NVIDIA GPUs, with nvidia-ml-py) as `system/*` metrics every
@@ -180,6 +181,35 @@ class Tracker:
 
     def log_jsonl(self, rows: list[dict], path: str) -> None:
         self.log_text("".join(json.dumps(row) + "\n" for row in rows), path)
+
+    def log_artifact(self, path: str | Path, folder: str | None = None) -> None:
+        """A local file, copied into the run's artifacts (under `folder`, when given)."""
+        self.flush()
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def log_figure(self, figure: Figure, path: str) -> None:
+        """A matplotlib figure, saved as the run's artifact `path` (its suffix picks the format)."""
+        self.flush()
+        self.client.log_figure(self.run_id, figure, path)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        """Params of the run, lists and dicts as JSON; sent 100 at a time, the most MLflow takes in one request."""
+        entries = [
+            Param(key, json.dumps(value) if isinstance(value, (dict, list)) else str(value))
+            for key, value in params.items()
+        ]
+        for start in range(0, len(entries), 100):
+            self.client.log_batch(self.run_id, params=entries[start : start + 100])
+
+    def latest_metrics(self, run_id: str | None = None) -> dict[str, float]:
+        """The last value of every metric of this run, or of `run_id`: another run in the same tracking store
+        (say, a sweep's child run, read from the sweep's run)."""
+        self.flush()
+        return dict(self.client.get_run(run_id or self.run_id).data.metrics)
+
+    def tags(self, run_id: str | None = None) -> dict[str, str]:
+        """The tags of this run, or of `run_id`, another run in the same tracking store."""
+        return dict(self.client.get_run(run_id or self.run_id).data.tags)
 
     def finish(self, status: str = "FINISHED") -> None:
         try:

@@ -26,7 +26,6 @@ from pathlib import Path
 from typing import Annotated
 from uuid import UUID
 
-from mlflow.entities import Param
 from prefect import flow, get_run_logger
 from prefect.client.orchestration import get_client
 from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -113,7 +112,7 @@ def run_in_process(runs: list[SweepRun], parent: Tracker, experiment: str, budge
         config = run.config.model_copy(deep=True)
         if not budgeted and run.preset != "dash" and ("dash", run.seed) in finished:
             _, dash_run = finished["dash", run.seed]
-            config.budget_minutes = parent.client.get_run(dash_run).data.metrics["time/train_s"] / 60
+            config.budget_minutes = parent.latest_metrics(dash_run)["time/train_s"] / 60
             config.iterations = UNBOUNDED_ITERATIONS
         if run.teacher_source:
             if (run.teacher_source, run.seed) not in finished:
@@ -252,7 +251,7 @@ def dash_sweep(
         check_fan_out(runs, train_deployment)
     parent = Tracker.new_run(tracking, "sweep", {"dash.kind": "sweep"})
     params = {"presets": ",".join(presets), "seeds": ",".join(map(str, seeds)), "fan_out": str(fan_out)}
-    parent.client.log_batch(parent.run_id, params=[Param(key, value) for key, value in params.items()])
+    parent.log_params(params)
     try:
         for run in runs:
             run.config.tracking.parent_run_id = parent.run_id

@@ -1,6 +1,6 @@
-"""The `dash-train` flow: warm-up, then blocks of iterations (each sample -> reward + filter -> learn -> sync ->
-checkpoint, see `TrainingRun.step`) with an evaluation after each block. Every phase is timed; all metrics go to
-MLflow.
+"""The `dash-train` flow: warm-up, then blocks of iterations with an evaluation after each block. One iteration is
+`dash_step` below: sample -> grade -> advantages + gradient filter -> write the batch -> learn -> sync, each phase
+timed; `TrainingRun.train` runs it with the bookkeeping around it (budgets, checkpoints, logging to MLflow).
 
 Both UIs tell what a run did: the Prefect flow run holds its lines (evaluations, warnings, resume hints), the
 summary as a Markdown artifact and a persisted result (MLflow run id, final metrics); the MLflow run is named and
@@ -22,8 +22,24 @@ from dash_core.timing import steady_heap
 from flows.progress import TrainingProgress, mlflow_link, run_logs
 from tasks.training import evaluate, launch_servers, stop_servers, sync_weights, train_iterations, warm_up
 
-log = logging.getLogger(__name__)
 ENTRYPOINT = "flows/train.py:dash_train"  # as prefect.yaml names it; MLflow shows it as the run's source
+
+
+def dash_step(run: TrainingRun, iteration: int) -> None:
+    """One DASH iteration, each phase timed as time/<phase>_s (then `TrainingRun.train` checkpoints and logs)."""
+    with run.phase("sample"):
+        rollouts = run.sample(iteration)  # the preemptive batch: M prompts x G completions in one go
+    with run.phase("reward"):
+        with run.phase("grade"):
+            grades = run.grade(rollouts)  # 1 for a right answer or passing program, else 0
+        with run.phase("advantages"):
+            batch = run.advantages(rollouts, grades)  # group-normalised; the gradient filter keeps |A| >= tau
+        with run.phase("write"):
+            manifest = run.write(batch)  # the rollout store, kept rows first: the run's write-ahead log
+    with run.phase("learn"):
+        run.learn(manifest)  # the learner reads the kept rows in its micro-batches: the rule's optimizer steps
+    with run.phase("sync"):
+        run.sync()  # the samplers take the new weights
 
 
 class TrainResult(TypedDict):
@@ -65,21 +81,21 @@ def _train(config: DashConfig, resume: str | None) -> TrainResult:
             with progress, steady_heap():
                 while run.iteration < config.iterations and not run.budget_spent():
                     next_eval = min((run.iteration // config.eval.every + 1) * config.eval.every, config.iterations)
-                    done = train_iterations(run, run.iteration + 1, next_eval, progress.iteration)
+                    done = train_iterations(run, run.iteration + 1, next_eval, dash_step, progress.iteration)
                     scores = evaluate(run, done)
                     run.log(scores, done)
                     progress.evaluation(done, scores)
             run.save()
         except BaseException:
-            _save_what_is_learned(run)
+            run.save_what_is_learned()
             stop = f"stopped at iteration {run.iteration}: resume with  dashrl train --resume {run.run_id}"
             progress.say(stop, "red", logging.WARNING)
             raise
         finally:
             if servers:
                 stop_servers(servers)
-            if getattr(run.sampler, "events", None):
-                run.tracker.log_jsonl(run.sampler.events, "sampler_events.jsonl")
+            if run.sampler.events:
+                run.tracker.log_jsonl(list(run.sampler.events), "sampler_events.jsonl")
     run.tracker.finish()
     link = mlflow_link(config.tracking.uri, run.tracker.experiment_id, run.run_id)
     progress.summary(run.run_id, run.samples_total, link)
@@ -96,27 +112,3 @@ def source_tags() -> dict[str, str]:
     if deployment.name:
         tags["prefect.deployment"] = f"{flow_run.flow_name}/{deployment.name}"
     return tags
-
-
-def _save_what_is_learned(run: TrainingRun) -> None:
-    """After a failure, keep every complete update, so `--resume` loses at most the interrupted iteration."""
-    if run.updating:  # part of an iteration's optimizer steps is in the weights; resume from the last checkpoint
-        try:
-            run.checkpointer.wait()
-        except Exception:
-            log.exception("the checkpoint being written when the run failed is lost")
-        log.warning(
-            "the failure came mid-update: resume starts after iteration %d, the last checkpoint", run.checkpointed
-        )
-        return
-    try:
-        run.save()
-    except Exception:
-        log.exception(
-            "could not save a checkpoint after the failure; resume starts after iteration %d", run.checkpointed
-        )
-    try:
-        if run.iteration and run.iteration not in run.logged:  # the last complete update's sync or logging failed
-            run.log(run.metrics, run.iteration)
-    except Exception:
-        log.exception("could not log the metrics of iteration %d after the failure", run.iteration)

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from dash_core.report import build_report
+from tasks import phase
 
 
-@task(name="report", cache_policy=NO_CACHE, persist_result=False)
+@phase("report")
 def report(tracking_uri: str, experiment: str, out_dir: str, parent_run_id: str) -> str:
     return str(build_report(tracking_uri, experiment, out_dir, parent_run_id))

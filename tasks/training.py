@@ -14,16 +14,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
-from dash_core.run import TrainingRun
+from dash_core.run import Step, TrainingRun
 from dash_core.serving import VLLMServer
-
-
-def phase(name: str, **options):
-    """A task whose inputs and result stay in memory: never hashed for caching, never persisted."""
-    return task(name=name, cache_policy=NO_CACHE, persist_result=False, **options)
+from tasks import phase
 
 
 @phase("launch-vllm-servers")
@@ -48,9 +41,9 @@ def sync_weights(run: TrainingRun) -> None:
 
 
 @phase("iterations", task_run_name="iterations-{first}-{last}")
-def train_iterations(run: TrainingRun, first: int, last: int, on_iteration: Callable[[int, dict[str, float]], None]) -> int:
-    """Iterations `first`..`last` (fewer when a budget runs out); returns the last one done."""
-    run.train(last, on_iteration)
+def train_iterations(run: TrainingRun, first: int, last: int, step: Step, on_iteration: Callable[[int, dict[str, float]], None]) -> int:
+    """Iterations `first`..`last` (fewer when a budget runs out), each one `step`; returns the last one done."""
+    run.train(last, step, on_iteration)
     return run.iteration
 
 

@@ -1,5 +1,5 @@
 from dash_core.data.problem import Problem
-from dash_core.grading import Grades, extract_code, grade
+from dash_core.rewards.grading import Grades, extract_code, grade
 
 
 def test_extract_code_takes_the_last_fenced_block():

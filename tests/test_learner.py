@@ -8,7 +8,7 @@ from helpers import TINY, chunks_of, make_batch
 from dash_core.config import AlgoConfig, LearnerConfig
 from dash_core.learner import Learner, NonFiniteLossError, completion_logprobs
 from dash_core.models import load_policy
-from dash_core.rules import policy_gradient
+from dash_core.rules import RULES, objective
 from dash_core.samplers import SamplingParams, TransformersSampler
 
 PG = AlgoConfig()
@@ -22,10 +22,10 @@ def policy_and_tokenizer():
 def test_pg_loss_matches_hand_computation():
     logp = torch.tensor([[-1.0, -2.0, 0.0], [-0.5, -0.5, -0.5]])
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
-    chunk = {"advantage": torch.tensor([2.0, -1.0])}
+    chunk = {"advantage": torch.tensor([2.0, -1.0]), "sampler_logprobs": torch.zeros(2, 3)}
     # summed: -(2 * (-1 - 2) + (-1) * (-1.5)) = 4.5; the learner divides by the 5 tokens -> 0.9
-    loss, clipped = policy_gradient(logp, mask, chunk, 0.2)
-    assert loss.item() == pytest.approx(4.5) and clipped.item() == 0
+    loss, kl, clipped = objective(RULES["pg"], logp, mask, chunk, None, clip_eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx(4.5) and kl.item() == 0 and clipped.item() == 0
 
 
 def test_completion_logprobs_match_a_direct_forward(policy_and_tokenizer):

@@ -2,8 +2,8 @@ import torch
 
 from dash_core.config import ArithmeticTaskConfig, ModelConfig
 from dash_core.data.arithmetic import ArithmeticTask
-from dash_core.grading import grade
 from dash_core.models import char_tokenizer, load_policy
+from dash_core.rewards.grading import grade
 
 
 def test_char_tokenizer_round_trips_text():

@@ -23,7 +23,7 @@ from dash_core.config import DashConfig, ModelConfig, RemoteConfig, merge
 from dash_core.learner import completion_logprobs
 from dash_core.models import load_policy
 from dash_core.samplers import SamplingParams
-from dash_core.samplers.remote import NoServersLeftError, RemoteSampler
+from dash_core.samplers.remote_backend import NoServersLeftError, RemoteSampler
 from dash_core.serving import ServerError, VLLMServer, free_port, launch_servers
 
 TIGHT = 1e-4  # fp32: server and learner differ only in kernel rounding

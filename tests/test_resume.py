@@ -15,11 +15,13 @@ from mlflow.tracking import MlflowClient
 from dash_core.config import DashConfig
 from dash_core.run import ResumeError, TrainingRun
 from flows.cli import main
+from flows.train import dash_step
 
 KILLED_RUN = textwrap.dedent("""
     import json, os, signal, sys, time
     from dash_core.config import DashConfig
     from dash_core.run import TrainingRun
+    from flows.train import dash_step
 
     config = DashConfig.model_validate(json.loads(sys.argv[1]))
     run = TrainingRun.start(config)
@@ -42,7 +44,7 @@ def killed_run(config: DashConfig, then: str) -> str:
 def uninterrupted(config: DashConfig, iterations: int) -> dict[str, torch.Tensor]:
     run = TrainingRun.start(config)
     run.warm_up()
-    run.train(iterations)
+    run.train(iterations, dash_step)
     run.save()
     run.tracker.finish()
     return run.policy.state_dict()
@@ -50,7 +52,7 @@ def uninterrupted(config: DashConfig, iterations: int) -> dict[str, torch.Tensor
 
 def resumed(config: DashConfig, run_id: str, iterations: int) -> TrainingRun:
     run = TrainingRun.resume(config, run_id)
-    run.train(iterations)
+    run.train(iterations, dash_step)
     run.save()
     run.tracker.finish()
     return run
@@ -71,8 +73,8 @@ def config(small_config) -> DashConfig:
 @pytest.mark.parametrize(
     ("when", "then"),
     [
-        ("after iteration 3, checkpoint 2", "run.train(3); run.checkpointer.wait(); kill()"),
-        ("before the first checkpoint", "run.config.checkpoint.every = 100; run.train(3); kill()"),
+        ("after iteration 3, checkpoint 2", "run.train(3, dash_step); run.checkpointer.wait(); kill()"),
+        ("before the first checkpoint", "run.config.checkpoint.every = 100; run.train(3, dash_step); kill()"),
         ("writing checkpoint 2", """
             copy = run.store.fs.put_file
             def stall(local, remote, **kwargs):
@@ -80,7 +82,7 @@ def config(small_config) -> DashConfig:
                 if "iter_000002" in remote:
                     kill()
             run.store.fs.put_file = stall
-            run.train(3)
+            run.train(3, dash_step)
         """),
     ],
 )
@@ -100,7 +102,7 @@ def test_a_run_killed_during_an_evaluation_evaluates_on_resume(prefect_api, conf
     config.eval.every = 2
     run_id = killed_run(config, """
         run.log(run.evaluate(0), 0)
-        run.train(2)
+        run.train(2, dash_step)
         run.evaluate = lambda iteration: kill()
         run.evaluate(2)
     """)
@@ -112,7 +114,7 @@ def test_a_run_killed_during_an_evaluation_evaluates_on_resume(prefect_api, conf
 
 def test_a_lost_checkpoint_folder_is_rebuilt_from_the_rollouts(config):
     expected = uninterrupted(config.model_copy(deep=True), 4)
-    run_id = killed_run(config, "run.train(3); run.checkpointer.wait(); kill()")
+    run_id = killed_run(config, "run.train(3, dash_step); run.checkpointer.wait(); kill()")
     shutil.rmtree(os.path.join(config.store.url, run_id, "checkpoints"))
     run = resumed(config, run_id, 4)
     assert steps(config, run_id, "reward/mean") == [1, 2, 3, 4]
@@ -120,7 +122,7 @@ def test_a_lost_checkpoint_folder_is_rebuilt_from_the_rollouts(config):
 
 
 def test_history_ahead_of_what_the_store_holds_refuses_to_resume(config, capsys):
-    run_id = killed_run(config, "run.train(3); run.checkpointer.wait(); kill()")
+    run_id = killed_run(config, "run.train(3, dash_step); run.checkpointer.wait(); kill()")
     for folder in ("checkpoints", "rollouts"):
         shutil.rmtree(os.path.join(config.store.url, run_id, folder))
     with pytest.raises(ResumeError, match="holds iterations up to 3.*would log iterations 1-3 twice"):

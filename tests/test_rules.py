@@ -1,4 +1,5 @@
-"""Update rules against hand computations, their equivalences, KL, and the SFT baselines."""
+"""Update rules against hand computations, their equivalences, KL, the SFT baselines, and a new rule added as one
+record plus one preset file."""
 
 import copy
 
@@ -6,10 +7,11 @@ import pytest
 import torch
 from helpers import TINY, chunks_of, make_batch
 
-from dash_core.config import AlgoConfig, LearnerConfig
+from dash_core.config import AlgoConfig, DashConfig, LearnerConfig, load_config
 from dash_core.learner import Learner, completion_logprobs
-from dash_core.rules import clipped_ratio, k3, optimizer_steps
+from dash_core.rules import RULES, UpdateRule, clipped_ratio, k3, policy_gradient
 from dash_core.run import TrainingRun
+from flows.train import dash_step
 
 
 @pytest.fixture(scope="module")
@@ -21,13 +23,11 @@ def policy_and_tokenizer():
 
 def test_clipped_ratio_matches_hand_computation():
     logp = torch.log(torch.tensor([[1.5, 0.5], [0.5, 1.1]]))  # old log-probs are 0, so the ratios are these
-    chunk = {"sampler_logprobs": torch.zeros(2, 2), "advantage": torch.tensor([1.0, -2.0])}
-    mask = torch.ones(2, 2)
-    loss, clipped = clipped_ratio(logp, mask, chunk, clip_eps=0.2)
+    loss, clipped = clipped_ratio(logp, torch.zeros(2, 2), torch.tensor([[1.0], [-2.0]]), clip_eps=0.2)
     # row 0 (A=1): min(1.5, 1.2) = 1.2 (clipped), min(0.5, 0.8) = 0.5 -> -(1.2 + 0.5)
     # row 1 (A=-2): min(-1.0, -1.6) = -1.6 (clipped), min(-2.2, -2.2) = -2.2 -> -(-1.6 - 2.2)
-    assert loss.item() == pytest.approx(-(1.2 + 0.5) + (1.6 + 2.2))
-    assert clipped.item() == 2
+    assert loss.sum().item() == pytest.approx(-(1.2 + 0.5) + (1.6 + 2.2))
+    assert clipped.sum().item() == 2
 
 
 def test_k3_is_zero_at_the_reference_and_positive_elsewhere():
@@ -39,11 +39,12 @@ def test_k3_is_zero_at_the_reference_and_positive_elsewhere():
 
 
 def test_optimizer_steps_per_rule():
-    assert optimizer_steps("pg", 10, 3) == [range(10)]
-    assert optimizer_steps("ppo_multi", 10, 3) == [range(10)] * 3
-    assert optimizer_steps("ppo_mini", 10, 3) == [range(0, 3), range(3, 7), range(7, 10)]
-    assert optimizer_steps("ppo_mini", 2, 4) == [range(0, 1), range(1, 2)]
-    assert optimizer_steps("ppo_multi", 10, 1) == optimizer_steps("ppo_mini", 10, 1) == optimizer_steps("pg", 10, 1)
+    pg, multi, mini = RULES["pg"], RULES["ppo_multi"], RULES["ppo_mini"]
+    assert pg.optimizer_steps(10, 3) == [range(10)]
+    assert multi.optimizer_steps(10, 3) == [range(10)] * 3
+    assert mini.optimizer_steps(10, 3) == [range(0, 3), range(3, 7), range(7, 10)]
+    assert mini.optimizer_steps(2, 4) == [range(0, 1), range(1, 2)]
+    assert multi.optimizer_steps(10, 1) == mini.optimizer_steps(10, 1) == pg.optimizer_steps(10, 1)
 
 
 def on_policy_batch(policy, tokenizer):
@@ -88,11 +89,24 @@ def test_kl_without_a_reference_is_an_error(policy_and_tokenizer):
         learner.step(chunks_of(make_batch(tokenizer), 4))
 
 
+def scored(run, rollouts):
+    """The reward phases of an iteration: the stored batch's manifest and the scores."""
+    run.metrics = {}
+    manifest = run.write(run.advantages(rollouts, run.grade(rollouts)))
+    return manifest, dict(run.metrics)
+
+
+def learned(run, manifest):
+    run.metrics = {}
+    run.learn(manifest)
+    return run.metrics
+
+
 def one_iteration(config):
     run = TrainingRun.start(config)
     run.warm_up()
-    manifest, scores = run.score(run.sample(1))
-    return run, manifest, scores, run.learn(manifest)
+    manifest, scores = scored(run, run.sample(1))
+    return run, manifest, scores, learned(run, manifest)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.05])
@@ -126,9 +140,9 @@ def test_sft_on_human_solutions_lowers_their_loss(small_config):
     for iteration in range(1, 9):
         rollouts = run.sample(iteration)
         assert rollouts.group == 1 and rollouts.generations[0].text == rollouts.problems[0].solution
-        manifest, scores = run.score(rollouts)
+        manifest, scores = scored(run, rollouts)
         assert manifest.kept == manifest.rows and scores["reward/mean"] == 1.0  # human solutions are right
-        losses.append(run.learn(manifest)["train/loss"])
+        losses.append(learned(run, manifest)["train/loss"])
     assert losses[-1] < losses[0]
 
 
@@ -141,9 +155,28 @@ def test_sft_from_a_teacher_keeps_only_correct_traces(small_config, tmp_path):
     config.algo = AlgoConfig(rule="sft", sft_source="teacher", teacher=teacher_dir)
     config.warmup.steps = 0
     run = TrainingRun.start(config)
-    manifest, scores = run.score(run.sample(1))
+    manifest, scores = scored(run, run.sample(1))
     table = run.store.read_batch(1).to_pydict()
     assert 0 < manifest.kept < manifest.rows
     assert table["kept"] == [r == 1.0 for r in table["reward"]]
     assert all(a == 1.0 for a in table["advantage"])
-    assert "logprob_gap/mean" not in run.learn(manifest)
+    assert "logprob_gap/mean" not in learned(run, manifest)
+
+
+def doubled_policy_gradient(logp, old, advantage, clip_eps):
+    loss, clipped = policy_gradient(logp, old, advantage, clip_eps)
+    return 2 * loss, clipped
+
+
+def test_a_new_rule_is_one_record_and_one_preset_file(small_config, tmp_path, monkeypatch):
+    monkeypatch.setitem(RULES, "toy", UpdateRule(doubled_policy_gradient))  # the record
+    (tmp_path / "toy.yaml").write_text("algo:\n  rule: toy\n  tau: 0.0\n")  # the preset
+    assert "toy" in DashConfig.model_json_schema()["$defs"]["AlgoConfig"]["properties"]["rule"]["enum"]
+    base = small_config.model_dump(mode="json") | {"warmup": {"steps": 0}}
+    losses = {}
+    for rule, presets in [("pg", []), ("toy", [tmp_path / "toy.yaml"])]:
+        config = load_config(presets, [f"store.url={tmp_path / rule}", "algo.tau=0.0"], base=base)
+        run = TrainingRun.start(config)
+        run.train(1, dash_step)
+        losses[rule] = run.tracker.history("train/loss")[1]
+    assert losses["toy"] == pytest.approx(2 * losses["pg"], rel=1e-5)  # the same samples, twice the loss

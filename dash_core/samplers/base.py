@@ -1,11 +1,15 @@
-"""The sampler protocol and the data it returns."""
+"""The sampler interface every backend implements, and the data it takes and returns."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Any, Literal
 
 from transformers import PreTrainedModel
+
+from dash_core.config import SamplerConfig
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,21 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 disables top-k
     stop: tuple[str, ...] = ()  # stop strings, beside the end-of-sequence token
+
+    @classmethod
+    def from_config(
+        cls, cfg: SamplerConfig, n: int, temperature: float | None = None, max_new_tokens: int | None = None
+    ) -> SamplingParams:
+        """`n` completions per prompt, shaped as `cfg` says; an evaluation sets its own temperature and length
+        (None keeps the config's)."""
+        return cls(
+            n=n,
+            max_new_tokens=cfg.max_new_tokens if max_new_tokens is None else max_new_tokens,
+            temperature=cfg.temperature if temperature is None else temperature,
+            top_p=cfg.top_p,
+            top_k=cfg.top_k,
+            stop=tuple(cfg.stop),
+        )
 
 
 @dataclass
@@ -28,11 +47,24 @@ class Generation:
     finish_reason: Literal["stop", "length"]
 
 
-class Sampler(Protocol):
+class Sampler(ABC):
+    """What callers may use on any backend. The defaults are an in-process backend's (transformers, vLLM engine):
+    it samples on no inference server, so it has none to add, list or drop; the remote backend overrides them."""
+
+    servers: list[str] | None = None  # the live inference servers sampled on; None: sampling runs in this process
+    events: Sequence[dict[str, Any]] = ()  # what the run should log about the sampler, e.g. a dropped server
+
+    @abstractmethod
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         """`params.n` completions per prompt, prompt-major: completion j of prompt i is at i * n + j."""
-        ...
 
+    @abstractmethod
     def load_weights(self, policy: PreTrainedModel) -> None:
         """Make the next `generate` sample from `policy`'s current weights."""
-        ...
+
+    def add_servers(self, urls: list[str]) -> None:
+        """Sample on these inference servers too (say, servers launched once the sampler exists)."""
+        raise TypeError(
+            f"{type(self).__name__} samples in this process and takes no inference servers: "
+            "servers need sampler.backend=remote"
+        )

@@ -25,8 +25,8 @@ from safetensors.torch import save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.config import RemoteConfig
-from dash_core.samplers.base import Generation, SamplingParams
-from dash_core.samplers.vllm_engine import to_generation, vllm_request
+from dash_core.samplers.base import Generation, Sampler, SamplingParams
+from dash_core.samplers.vllm_backend import to_generation, vllm_request
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -67,7 +67,7 @@ def save_weights(policy: PreTrainedModel, path: Path) -> Path:
     return path
 
 
-class RemoteSampler:
+class RemoteSampler(Sampler):
     """Samples on the servers in `cfg.urls` plus any added with `add_servers`; `events` records the dropped ones."""
 
     def __init__(self, cfg: RemoteConfig, tokenizer: PreTrainedTokenizerBase, sync_dir: str):

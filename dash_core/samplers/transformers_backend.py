@@ -14,10 +14,10 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from dash_core.samplers.base import Generation, SamplingParams
+from dash_core.samplers.base import Generation, Sampler, SamplingParams
 
 
-class TransformersSampler:
+class TransformersSampler(Sampler):
     """Samples from the policy object itself, so weights are current after every optimizer step at no cost."""
 
     def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int | None = None):

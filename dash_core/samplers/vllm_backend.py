@@ -19,7 +19,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.config import SamplerConfig
 from dash_core.models import save_model
-from dash_core.samplers.base import Generation, SamplingParams
+from dash_core.samplers.base import Generation, Sampler, SamplingParams
 
 
 def vllm_request(prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], dict[str, Any]]:
@@ -57,7 +57,7 @@ def to_generation(
     return Generation(list(token_ids), list(logprobs), text, "length" if finish_reason == "length" else "stop")
 
 
-class VLLMSampler:
+class VLLMSampler(Sampler):
     """A `vllm.LLM` started from a copy of the policy saved under `work_dir`, then kept in sync in memory.
 
     Logprobs are vLLM's `raw_logprobs`: the model's distribution at temperature 1 before any processor, which is

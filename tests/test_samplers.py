@@ -1,0 +1,37 @@
+"""The sampler interface and its builders: sampling parameters from config, a policy with its sampler, and what
+an in-process backend answers to the calls only inference servers serve."""
+
+import pytest
+
+from dash_core.config import DashConfig, ModelConfig, SamplerConfig
+from dash_core.evaluation import eval_sampling
+from dash_core.samplers import SamplingParams, TransformersSampler, policy_sampler
+
+
+def test_sampling_params_come_from_the_sampler_config():
+    cfg = SamplerConfig(max_new_tokens=24, temperature=0.7, top_p=0.9, top_k=5, stop=["\n"])
+    assert SamplingParams.from_config(cfg, 4) == SamplingParams(4, 24, 0.7, 0.9, 5, ("\n",))
+    assert SamplingParams.from_config(cfg, 2, temperature=1.0, max_new_tokens=8) == SamplingParams(2, 8, 1.0, 0.9, 5, ("\n",))
+
+
+def test_an_evaluation_samples_at_its_own_temperature_and_length():
+    config = DashConfig.model_validate(
+        {"sampler": {"max_new_tokens": 24, "temperature": 0.7, "top_k": 5}, "eval": {"n": 3, "temperature": 1.0}}
+    )
+    assert eval_sampling(config) == SamplingParams(3, 24, 1.0, 1.0, 5, ())
+    config.eval.max_new_tokens = 40
+    assert eval_sampling(config).max_new_tokens == 40
+
+
+def test_policy_sampler_samples_from_the_policy_it_loads(tmp_path):
+    policy, tokenizer, sampler = policy_sampler(ModelConfig(), SamplerConfig(batch_size=16), 0, str(tmp_path))
+    assert isinstance(sampler, TransformersSampler) and sampler.policy is policy and sampler.batch_size == 16
+    (generation,) = sampler.generate([tokenizer.encode("1+2=")], SamplingParams(max_new_tokens=4))
+    assert len(generation.token_ids) == len(generation.logprobs) <= 4
+
+
+def test_an_in_process_backend_has_no_servers_to_add_list_or_drop(tmp_path):
+    sampler = policy_sampler(ModelConfig(), SamplerConfig(), 0, str(tmp_path)).sampler
+    assert sampler.servers is None and not sampler.events
+    with pytest.raises(TypeError, match="sampler.backend=remote"):
+        sampler.add_servers(["http://127.0.0.1:8000"])
