@@ -15,6 +15,8 @@ import argparse
 import os
 import statistics
 import tempfile
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
@@ -24,64 +26,124 @@ from rich.table import Table  # noqa: E402
 
 from dash_core.config import DashConfig  # noqa: E402
 from dash_core.run import TrainingRun  # noqa: E402
+from flows.train import dash_step  # noqa: E402
+
+PHASES = ("sample", "reward", "learn")
+MODES = ("preemptive", "small-batch")
+LABELS = {"preemptive": "preemptive (1 call)", "small-batch": "small-batch (1 call per chunk)"}
 
 
-def measure(config: DashConfig, iterations: int) -> dict[str, float]:
-    run = TrainingRun.start(config)
-    run.sample(0)  # warm the kernels and caches once
-    times: dict[str, list[float]] = {"sample": [], "reward": [], "learn": []}
-    for iteration in range(1, iterations + 1):
-        metrics = run.step(iteration)
-        for phase, values in times.items():
-            values.append(metrics[f"time/{phase}_s"])
-    run.save()  # the last checkpoint is written in the background: done before the folder goes
-    run.tracker.finish()
-    return {phase: statistics.median(values) for phase, values in times.items()}
+@dataclass(frozen=True)
+class Setup:
+    """The iteration measured: M x G samples of up to `max_new_tokens`, learned in chunks of `micro_batch` (also
+    the small-batch setup's sampling call), on a tiny model of `hidden` x `layers`."""
+
+    prompts: int = 64
+    group: int = 8
+    micro_batch: int = 16
+    max_new_tokens: int = 16
+    iterations: int = 5
+    hidden: int = 128
+    layers: int = 2
+    dtype: str = "float32"
+    threads: int | None = None  # None: torch's default
+
+    def config(self, mode: str, workdir: Path) -> DashConfig:
+        shape = {
+            "hidden_size": self.hidden,
+            "num_layers": self.layers,
+            "num_heads": self.hidden // 64,
+            "intermediate_size": 4 * self.hidden,
+        }
+        return DashConfig.model_validate(
+            {
+                "threads": self.threads,
+                "model": {"dtype": self.dtype, "tiny": shape},
+                "sampler": {
+                    "prompts_per_iteration": self.prompts,
+                    "group_size": self.group,
+                    "batch_size": self.micro_batch if mode == "small-batch" else None,
+                    "max_new_tokens": self.max_new_tokens,
+                },
+                "algo": {"tau": 0.0},
+                "learner": {"micro_batch_size": self.micro_batch},
+                "store": {"url": str(workdir / "store")},
+                "tracking": {"uri": f"sqlite:///{workdir}/mlflow.db", "experiment": "bench"},
+            }
+        )
+
+
+def compare(setup: Setup, workdir: Path) -> dict[str, dict[str, float]]:
+    """Median seconds of each phase, per setup. The two runs take turns, an iteration each, so that a burst of
+    outside load (a shared machine) hits both alike instead of one whole setup."""
+    runs = {mode: TrainingRun.start(setup.config(mode, workdir)) for mode in MODES}
+    times = {mode: {phase: [] for phase in PHASES} for mode in MODES}
+    for run in runs.values():
+        run.sample(0)  # warm the kernels and caches once
+    for iteration in range(1, setup.iterations + 1):
+        for mode, run in runs.items():
+            # the phases as `dash-train` runs them, without Prefect
+            run.train(iteration, dash_step, lambda _, metrics, mode=mode: _record(times[mode], metrics))
+    for run in runs.values():
+        run.save()  # the last checkpoint is written in the background: done before the folder goes
+        run.tracker.finish()
+    return {
+        mode: {phase: statistics.median(values) for phase, values in phases.items()} for mode, phases in times.items()
+    }
+
+
+def _record(times: dict[str, list[float]], metrics: dict[str, float]) -> None:
+    for phase, values in times.items():
+        values.append(metrics[f"time/{phase}_s"])
+
+
+def iteration_s(times: dict[str, float]) -> float:
+    return sum(times[phase] for phase in PHASES)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--prompts", type=int, default=64, help="M")
-    parser.add_argument("--group", type=int, default=8, help="G")
-    parser.add_argument("--micro-batch", type=int, default=16, help="learner chunk = small-batch sampling call")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
-    parser.add_argument("--iterations", type=int, default=5)
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--prompts", type=int, default=Setup.prompts, help="M")
+    parser.add_argument("--group", type=int, default=Setup.group, help="G")
+    parser.add_argument(
+        "--micro-batch", type=int, default=Setup.micro_batch, help="learner chunk = small-batch sampling call"
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=Setup.max_new_tokens)
+    parser.add_argument("--iterations", type=int, default=Setup.iterations)
+    parser.add_argument("--hidden", type=int, default=Setup.hidden)
+    parser.add_argument("--layers", type=int, default=Setup.layers)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=Setup.dtype)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
+    setup = Setup(**{field.name: getattr(args, field.name) for field in fields(Setup)})
 
-    rows = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for mode, batch_size in [("preemptive (1 call)", None), ("small-batch (1 call per chunk)", args.micro_batch)]:
-            config = DashConfig.model_validate(
-                {
-                    "threads": args.threads,
-                    "model": {"tiny": {"hidden_size": args.hidden, "num_layers": args.layers, "num_heads": args.hidden // 64,
-                                       "intermediate_size": 4 * args.hidden}},
-                    "sampler": {"prompts_per_iteration": args.prompts, "group_size": args.group, "batch_size": batch_size,
-                                "max_new_tokens": args.max_new_tokens},
-                    "algo": {"tau": 0.0},
-                    "learner": {"micro_batch_size": args.micro_batch},
-                    "store": {"url": f"{tmp}/store"},
-                    "tracking": {"uri": f"sqlite:///{tmp}/mlflow.db", "experiment": "bench"},
-                }
-            )
-            rows[mode] = measure(config, args.iterations)
+        rows = compare(setup, Path(tmp))
 
-    samples = args.prompts * args.group
-    table = Table(title=f"one iteration, M={args.prompts} x G={args.group} = {samples} samples, "
-                        f"{args.max_new_tokens} new tokens, micro-batch {args.micro_batch}, {args.threads} threads (median s)")
+    samples = setup.prompts * setup.group
+    table = Table(
+        title=f"one iteration, M={setup.prompts} x G={setup.group} = {samples} samples, "
+        f"{setup.max_new_tokens} new tokens, micro-batch {setup.micro_batch}, {setup.threads} threads (median s)"
+    )
     for column in ["setup", "sample s", "reward+store s", "learn s", "iteration s", "samples/s"]:
         table.add_column(column, justify="right" if column != "setup" else "left")
     for mode, t in rows.items():
-        total = sum(t.values())
-        table.add_row(mode, f"{t['sample']:.3f}", f"{t['reward']:.3f}", f"{t['learn']:.3f}", f"{total:.3f}", f"{samples / total:.0f}")
+        total = iteration_s(t)
+        table.add_row(
+            LABELS[mode],
+            f"{t['sample']:.3f}",
+            f"{t['reward']:.3f}",
+            f"{t['learn']:.3f}",
+            f"{total:.3f}",
+            f"{samples / total:.0f}",
+        )
     console = Console(width=140)
     console.print(table)
-    pre, small = rows.values()
-    console.print(f"sampling speed-up {small['sample'] / pre['sample']:.2f}x, "
-                  f"iteration speed-up {sum(small.values()) / sum(pre.values()):.2f}x (small-batch / preemptive)")
+    pre, small = rows["preemptive"], rows["small-batch"]
+    console.print(
+        f"sampling speed-up {small['sample'] / pre['sample']:.2f}x, "
+        f"iteration speed-up {iteration_s(small) / iteration_s(pre):.2f}x (small-batch / preemptive)"
+    )
 
 
 if __name__ == "__main__":

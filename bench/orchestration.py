@@ -24,8 +24,7 @@ from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _shared import QUIET_ENV, embedded_config, finish, spread, warm_policy, worker  # noqa: E402
+from bench._shared import QUIET_ENV, embedded_config, finish, spread, warm_policy, worker
 
 MODES = ("plain", "flow")
 

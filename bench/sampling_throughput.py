@@ -17,6 +17,8 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, fields
+from pathlib import Path
 
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -27,10 +29,24 @@ from rich.table import Table  # noqa: E402
 
 from dash_core.config import ModelConfig, RemoteConfig, SamplerConfig, TinyModelConfig  # noqa: E402
 from dash_core.models import load_policy  # noqa: E402
-from dash_core.samplers import Sampler, SamplingParams, TransformersSampler  # noqa: E402
+from dash_core.samplers import Sampler, SamplingParams, build_sampler  # noqa: E402
 
 GROUP = 8
 PROMPT = "12+34="
+SMALL_CALLS = "small calls"
+BACKENDS = {"transformers": "transformers", "vllm": "vllm in-process", "remote": "remote (1 server)"}  # id -> column
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The policy's shape and what each backend is asked for: calls of `sizes` sequences, `new_tokens` each."""
+
+    hidden: int = 128
+    layers: int = 2
+    dtype: str = "float32"
+    new_tokens: int = 32
+    sizes: tuple[int, ...] = (8, 32, 128, 512)
+    repeats: int = 3
 
 
 def bench_policy(hidden: int, layers: int, dtype: str):
@@ -54,70 +70,88 @@ def timed(call: Callable[[], int], repeats: int) -> tuple[float, int]:
     return statistics.median(times), tokens
 
 
-def measure(sampler: Sampler, prompt: list[int], args: argparse.Namespace) -> dict[str, tuple[float, int]]:
+def measure(sampler: Sampler, prompt: list[int], settings: Settings) -> dict[str, tuple[float, int]]:
     """Per batch size: (median s, tokens) of one call; plus 'small calls': the largest batch in calls of 16."""
-    params = SamplingParams(n=GROUP, max_new_tokens=args.new_tokens)
+    params = SamplingParams(n=GROUP, max_new_tokens=settings.new_tokens)
 
     def sample(sequences: int, per_call: int) -> int:
-        generations = [g for _ in range(sequences // per_call) for g in sampler.generate([prompt] * (per_call // GROUP), params)]
+        generations = [
+            g for _ in range(sequences // per_call) for g in sampler.generate([prompt] * (per_call // GROUP), params)
+        ]
         lengths = {len(g.token_ids) for g in generations}
-        assert lengths == {args.new_tokens}, f"completions of unequal lengths {lengths}: EOS was sampled"
+        assert lengths == {settings.new_tokens}, f"completions of unequal lengths {lengths}: EOS was sampled"
         return sum(map(len, (g.token_ids for g in generations)))
 
     sample(GROUP, GROUP)  # warm-up: kernels, caches, the server's first request
-    rows = {str(size): timed(lambda size=size: sample(size, size), args.repeats) for size in args.sizes}
-    rows["small calls"] = timed(lambda: sample(max(args.sizes), 16), args.repeats)
+    rows = {str(size): timed(lambda size=size: sample(size, size), settings.repeats) for size in settings.sizes}
+    rows[SMALL_CALLS] = timed(lambda: sample(max(settings.sizes), 16), settings.repeats)
     return rows
+
+
+def throughput(backends: list[str], settings: Settings, workdir: Path) -> dict[str, dict[str, tuple[float, int]]]:
+    """`measure` on each backend (keys of BACKENDS), one after the other on the same policy."""
+    policy, tokenizer = bench_policy(settings.hidden, settings.layers, settings.dtype)
+    prompt = tokenizer.encode(PROMPT)
+    results: dict[str, dict[str, tuple[float, int]]] = {}
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r} (choose from {', '.join(BACKENDS)})")
+        if backend == "remote":
+            from dash_core.serving import free_port, launch_servers
+
+            model_dir = f"{workdir}/served"
+            policy.save_pretrained(model_dir)
+            tokenizer.save_pretrained(model_dir)
+            (server,) = launch_servers(model_dir, 1, free_port(8500), dtype=settings.dtype, log_dir=str(workdir))
+            with server:
+                config = SamplerConfig(backend="remote", remote=RemoteConfig(urls=[server.url]))
+                sampler = build_sampler(config, policy, tokenizer, seed=0, sync_dir=f"{workdir}/sync")
+                results[backend] = measure(sampler, prompt, settings)
+        else:
+            sampler = build_sampler(SamplerConfig(backend=backend), policy, tokenizer, seed=0, sync_dir=str(workdir))
+            results[backend] = measure(sampler, prompt, settings)
+    return results
+
+
+def tokens_per_s(rows: dict[str, tuple[float, int]], size: int) -> float:
+    seconds, tokens = rows[str(size)]
+    return tokens / seconds
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--hidden", type=int, default=128)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
-    parser.add_argument("--new-tokens", type=int, default=32)
-    parser.add_argument("--sizes", type=lambda s: [int(x) for x in s.split(",")], default=[8, 32, 128, 512],
-                        help="sequences per call (multiples of 16)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--backends", default="transformers,vllm,remote")
+    parser.add_argument("--hidden", type=int, default=Settings.hidden)
+    parser.add_argument("--layers", type=int, default=Settings.layers)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=Settings.dtype)
+    parser.add_argument("--new-tokens", type=int, default=Settings.new_tokens)
+    parser.add_argument(
+        "--sizes",
+        type=lambda s: tuple(int(x) for x in s.split(",")),
+        default=Settings.sizes,
+        help="sequences per call (multiples of 16)",
+    )
+    parser.add_argument("--repeats", type=int, default=Settings.repeats)
+    parser.add_argument("--backends", default=",".join(BACKENDS))
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     torch.set_num_threads(args.threads)  # before vLLM, which pins torch's threads in this process
-
-    policy, tokenizer = bench_policy(args.hidden, args.layers, args.dtype)
-    prompt = tokenizer.encode(PROMPT)
-    results: dict[str, dict[str, tuple[float, int]]] = {}
+    settings = Settings(**{field.name: getattr(args, field.name) for field in fields(Settings)})
+    backends = args.backends.split(",")
+    if unknown := set(backends) - set(BACKENDS):
+        parser.error(f"unknown backend {unknown.pop()!r} (choose from {', '.join(BACKENDS)})")
     with tempfile.TemporaryDirectory() as tmp:
-        for backend in args.backends.split(","):
-            if backend == "transformers":
-                results[backend] = measure(TransformersSampler(policy, tokenizer), prompt, args)
-            elif backend == "vllm":
-                from dash_core.samplers.vllm_engine import VLLMSampler
-
-                sampler = VLLMSampler(policy, tokenizer, SamplerConfig(backend="vllm"), seed=0, work_dir=tmp)
-                results["vllm in-process"] = measure(sampler, prompt, args)
-            elif backend == "remote":
-                from dash_core.samplers.remote import RemoteSampler
-                from dash_core.serving import free_port, launch_servers
-
-                model_dir = f"{tmp}/served"
-                policy.save_pretrained(model_dir)
-                tokenizer.save_pretrained(model_dir)
-                (server,) = launch_servers(model_dir, 1, free_port(8500), dtype=args.dtype, log_dir=tmp)
-                with server:
-                    remote = RemoteSampler(RemoteConfig(urls=[server.url]), tokenizer, f"{tmp}/sync")
-                    results["remote (1 server)"] = measure(remote, prompt, args)
-            else:
-                parser.error(f"unknown backend {backend!r} (transformers, vllm, remote)")
+        results = throughput(backends, settings, Path(tmp))
 
     console = Console(width=160)
-    table = Table(title=f"tokens/s by sequences per call: tiny Llama hidden {args.hidden}, {args.layers} layers, "
-                        f"{args.dtype}, {args.new_tokens} new tokens, groups of {GROUP}, {args.threads} threads")
+    table = Table(
+        title=f"tokens/s by sequences per call: tiny Llama hidden {args.hidden}, {args.layers} layers, "
+        f"{args.dtype}, {args.new_tokens} new tokens, groups of {GROUP}, {args.threads} threads"
+    )
     table.add_column("sequences per call", justify="right")
     for backend in results:
-        table.add_column(backend, justify="right")
-    for size in map(str, args.sizes):
-        table.add_row(size, *(f"{tokens / seconds:,.0f}" for seconds, tokens in (r[size] for r in results.values())))
+        table.add_column(BACKENDS[backend], justify="right")
+    for size in args.sizes:
+        table.add_row(str(size), *(f"{tokens_per_s(rows, size):,.0f}" for rows in results.values()))
     console.print(table)
 
     largest = str(max(args.sizes))
@@ -125,8 +159,8 @@ def main() -> None:
     for column in ["backend", "1 call s", "small calls s", "speed-up"]:
         table.add_column(column, justify="left" if column == "backend" else "right")
     for backend, rows in results.items():
-        one, many = rows[largest][0], rows["small calls"][0]
-        table.add_row(backend, f"{one:.3f}", f"{many:.3f}", f"{many / one:.1f}x")
+        one, many = rows[largest][0], rows[SMALL_CALLS][0]
+        table.add_row(BACKENDS[backend], f"{one:.3f}", f"{many:.3f}", f"{many / one:.1f}x")
     console.print(table)
 
 

@@ -27,7 +27,6 @@ import argparse
 import json
 import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -35,8 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).parent))
-from _shared import embedded_config, finish, warm_policy, worker  # noqa: E402
+from bench._shared import embedded_config, finish, warm_policy, worker
 
 SYSTEMS = ("dash", "trl")
 UNBOUNDED = 1_000_000
