@@ -19,7 +19,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from typing import Any
 
@@ -67,50 +66,14 @@ def build_policy(name: str, dtype: str, device: str):
     return AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype)).to(device)
 
 
-class PeakMemory:
-    """The most memory the process holds above its size when entered."""
-
-    def __init__(self, device: str):
-        self.device, self.peak, self._stop = device, 0, threading.Event()
-
-    def __enter__(self) -> PeakMemory:
-        import psutil
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.start = torch.cuda.memory_allocated()
-        else:
-            process = psutil.Process()
-            self.start = process.memory_info().rss
-
-            def watch() -> None:
-                while not self._stop.wait(0.005):
-                    self.peak = max(self.peak, process.memory_info().rss - self.start)
-
-            self._thread = threading.Thread(target=watch, daemon=True)
-            self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        import torch
-
-        if self.device == "cuda":
-            torch.cuda.synchronize()
-            self.peak = torch.cuda.max_memory_allocated() - self.start
-        else:
-            self._stop.set()
-            self._thread.join()
-
-
 def measure(config: dict[str, Any]) -> dict[str, Any]:
     """One configuration, in this process: a warm-up step, then timed steps."""
     import torch
 
     import dash_core.learner as learner_module
     from dash_core.config import AlgoConfig, LearnerConfig
-    from dash_core.learner import Learner
+    from dash_core.learner import Learner, by_length
+    from dash_core.memory import PeakMemory
 
     torch.set_num_threads(config["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -126,9 +89,14 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     completions = torch.randint(1, vocab, (rows, config["completion"]), generator=generator).tolist()
     batch = {"prompt_ids": prompts, "completion_ids": completions, "advantage": [1.0 - 2 * (i % 2) for i in range(rows)],
              "sampler_logprobs": [[-1.0] * config["completion"]] * rows}  # fmt: skip
-    size = config["micro_batch"]
-    chunks = [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
-    learner = Learner(policy, LearnerConfig(lr=1e-6, micro_batch_size=size), AlgoConfig(), pad_id=0)
+    size, tokens = config["micro_batch"], config.get("tokens")
+    learner = Learner(policy, LearnerConfig(lr=1e-6, micro_batch_size=size, tokens_per_micro_batch=tokens), AlgoConfig(), pad_id=0)
+    if tokens:  # micro-batches as the learner groups a batch by its token budget
+        learner.step([batch])  # allocator and optimizer state settle before the probe sizes an automatic budget
+        learner.token_budget = learner.token_budget or learner.fit_token_budget(batch)
+        chunks = by_length(batch, learner.token_budget)
+    else:
+        chunks = [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
     learner.step(chunks)  # allocator and optimizer state settle
     with PeakMemory(device) as memory:
         start = time.perf_counter()
@@ -136,7 +104,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
             learner.step(chunks)
         seconds = (time.perf_counter() - start) / config["steps"]
     tokens = rows * (config["prompt"] + config["completion"])
-    return {"config": config, "tokens_per_s": tokens / seconds, "step_s": seconds, "peak_mem_gib": memory.peak / 2**30,
+    return {"config": config | {"tokens": learner.token_budget}, "tokens_per_s": tokens / seconds, "step_s": seconds,
+            "peak_mem_gib": memory.peak / 2**30,
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{config['threads']}"}  # fmt: skip
 
 
@@ -147,6 +116,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32", help="comma-separated model dtypes: float32, bfloat16")
     parser.add_argument("--checkpointing", default="off", help="comma-separated: off, on (activation checkpointing)")
     parser.add_argument("--micro-batch", default="8", help="comma-separated sequences per forward+backward")
+    parser.add_argument("--tokens", default="rows", help="comma-separated token budgets per micro-batch, 'auto' (sized "
+                        "for the memory left), or 'rows' (micro-batches of --micro-batch sequences)")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--completion", type=int, default=256)
@@ -159,11 +130,12 @@ def main() -> None:
         print(json.dumps(measure(json.loads(args.worker))))
         return
     grid = itertools.product(args.model.split(","), args.logprobs.split(","), args.dtype.split(","),
-                             args.checkpointing.split(","), map(int, args.micro_batch.split(",")))  # fmt: skip
+                             args.checkpointing.split(","), map(int, args.micro_batch.split(",")),
+                             [None if t == "rows" else t if t == "auto" else int(t) for t in args.tokens.split(",")])  # fmt: skip
     rows = []
-    for model, logprobs, dtype, checkpointing, micro_batch in grid:
+    for model, logprobs, dtype, checkpointing, micro_batch, tokens in grid:
         config = {"model": model, "logprobs": logprobs, "dtype": dtype, "checkpointing": checkpointing == "on",
-                  "micro_batch": micro_batch, "rows": args.rows, "prompt": args.prompt, "completion": args.completion,
+                  "micro_batch": micro_batch, "tokens": tokens, "rows": args.rows, "prompt": args.prompt, "completion": args.completion,
                   "steps": args.steps, "threads": args.threads}  # fmt: skip
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True)
         if done.returncode:
@@ -174,12 +146,12 @@ def main() -> None:
         if args.json:
             print(json.dumps(result), flush=True)
     if not args.json:
-        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'ckpt':4} {'micro':>5} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8}")
+        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'ckpt':4} {'micro-batch':>13} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8}")
         for r in rows:
             c = r["config"]
-            head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {'on' if c['checkpointing'] else 'off':4} {c['micro_batch']:>5}"
+            micro = f"{c['tokens']} tok" if c.get("tokens") else f"{c['micro_batch']} rows"
+            head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {'on' if c['checkpointing'] else 'off':4} {micro:>13}"
             print(head + (f" {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_mem_gib']:8.2f}" if "error" not in r else f"  {r['error']}"))
-
 
 if __name__ == "__main__":
     main()

@@ -163,6 +163,11 @@ class LearnerConfig(Section):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
     micro_batch_size: int = Field(64, gt=0, description="sequences per forward+backward chunk")
+    tokens_per_micro_batch: Annotated[int, Field(gt=0)] | Literal["auto"] | None = Field(
+        None,
+        description="padded tokens per forward+backward chunk, with rows grouped by length so padding stays small; "
+        "replaces micro_batch_size when set; auto: the largest that fits the memory left (probed at the first step)",
+    )
     grad_clip: float = Field(1.0, gt=0)
     precision: Literal["fp32", "bf16", "bf16-mixed"] | None = Field(
         None,

@@ -7,6 +7,7 @@ the sampler's values shows whether the samples really were on-policy.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -17,9 +18,11 @@ from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
 from dash_core.config import AlgoConfig, LearnerConfig
+from dash_core.memory import PeakMemory, available_bytes
 from dash_core.rules import RULES, normalise, objective
 from dash_core.store import BatchManifest, RunStore
 
+log = logging.getLogger(__name__)
 LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]  # what a learner reads of a batch
 
 
@@ -38,7 +41,9 @@ class LearnStats:
     gap_max: float = 0.0
     grad_norm: float = 0.0
     sequences: int = 0
-    tokens: int = 0
+    tokens: int = 0  # completion tokens: what the loss is normalised by
+    row_tokens: int = 0  # prompt + completion tokens of the rows
+    padded_tokens: int = 0  # what the forward passes computed: rows x longest row, per micro-batch
     forward_s: float = 0.0
     backward_s: float = 0.0
 
@@ -52,6 +57,8 @@ class LearnStats:
             total.clipped += s.clipped
             total.sequences += s.sequences
             total.tokens += s.tokens
+            total.row_tokens += s.row_tokens
+            total.padded_tokens += s.padded_tokens
             total.forward_s += s.forward_s
             total.backward_s += s.backward_s
         total.grad_norm = sum(s.grad_norm for s in steps) / len(steps)
@@ -66,11 +73,14 @@ class LearnStats:
             "train/clip_fraction": self.clipped / tokens,
             "logprob_gap/mean": self.gap_mean,
             "logprob_gap/max": self.gap_max,
+            "train/padding_fraction": 1 - self.row_tokens / max(self.padded_tokens, 1),
             "time/forward_s": self.forward_s,
             "time/backward_s": self.backward_s,
         }
 
 
+AUTO_MEMORY_FRACTION = 0.8  # of the memory left that an automatic token budget may fill
+PROBE_TOKENS = 2048  # padded tokens of the probe micro-batch that sizes it
 LOGPROB_CHUNK_TOKENS = 1024  # completion tokens whose vocabulary-wide logits exist at once
 
 
@@ -129,6 +139,21 @@ def _head_is_plain(policy: PreTrainedModel) -> bool:
     )
 
 
+def by_length(rows: dict[str, list], budget: int) -> list[dict[str, list]]:
+    """Micro-batches of at most `budget` padded tokens (rows x longest row), rows sorted by length so that each
+    pads little; a row longer than the budget is a micro-batch of its own. The step's gradient is the same in any
+    grouping: it is a sum over tokens, normalised once."""
+    lengths = [len(p) + len(c) for p, c in zip(rows["prompt_ids"], rows["completion_ids"], strict=True)]
+    chunks, current = [], []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and (len(current) + 1) * lengths[i] > budget:
+            chunks.append(current)
+            current = []
+        current.append(i)
+    chunks += [current] if current else []
+    return [{key: [values[i] for i in chunk] for key, values in rows.items()} for chunk in chunks]
+
+
 class Learner:
     """The policy's optimizer and its update rule: reads the kept rows of a batch from the rollout store in its own
     micro-batches and turns them into the rule's optimizer steps."""
@@ -152,14 +177,23 @@ class Learner:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mixed = cfg.precision == "bf16-mixed"  # float32 weights and Adam state, bfloat16 matmuls
         self.partial = False  # some, not all, of a batch's optimizer steps are in the weights: no state to save
+        self.token_budget = None if cfg.tokens_per_micro_batch == "auto" else cfg.tokens_per_micro_batch
 
     def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
         """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics."""
         steps: list[LearnStats] = []
         self.partial = True
         for rows in self.rule.optimizer_steps(manifest.kept, self.algo.ppo_steps):
+            if self.cfg.tokens_per_micro_batch:
+                kept = store.kept_rows(manifest, LEARNER_COLUMNS, rows)
+                if self.token_budget is None:
+                    self.token_budget = self.fit_token_budget(kept)
+                    log.info("learner micro-batches: %d tokens (found for the memory left)", self.token_budget)
+                chunks = by_length(kept, self.token_budget)
+            else:
+                chunks = store.kept_chunks(manifest, self.cfg.micro_batch_size, LEARNER_COLUMNS, rows)
             try:
-                steps.append(self.step(store.kept_chunks(manifest, self.cfg.micro_batch_size, LEARNER_COLUMNS, rows)))
+                steps.append(self.step(chunks))
             except NonFiniteLossError:
                 self.partial = bool(steps)  # the guard takes no step: without earlier steps the weights are clean
                 raise
@@ -186,14 +220,7 @@ class Learner:
         gap_sum = 0.0
         for chunk in chunks:
             start = time.perf_counter()
-            with self._forward_precision():
-                logp, mask = completion_logprobs(self.policy, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
-                tensors = self._tensors(chunk, logp.shape)
-                ref = None
-                if self.algo.beta > 0:
-                    with torch.no_grad():
-                        ref, _ = completion_logprobs(self.reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
-                loss, kl, clipped = objective(self.rule, logp, mask, tensors, ref, self.algo.clip_eps, self.algo.beta)
+            loss, kl, clipped, logp, mask, tensors = self._forward(chunk)
             _synchronize(logp.device)
             middle = time.perf_counter()
             loss.backward()
@@ -206,8 +233,11 @@ class Learner:
             stats.loss_sum += loss.item()
             stats.kl_sum += kl.item()
             stats.clipped += clipped.item()
-            stats.sequences += len(chunk["prompt_ids"])
+            lengths = [len(p) + len(c) for p, c in zip(chunk["prompt_ids"], chunk["completion_ids"])]
+            stats.sequences += len(lengths)
             stats.tokens += int(mask.sum().item())
+            stats.row_tokens += sum(lengths)
+            stats.padded_tokens += len(lengths) * max(lengths)
         if stats.sequences == 0:
             return stats
         stats.gap_mean = gap_sum / stats.tokens
@@ -222,6 +252,34 @@ class Learner:
         self.optimizer.step()
         stats.grad_norm = grad_norm
         return stats
+
+    def _forward(self, chunk: dict[str, list]) -> tuple[torch.Tensor, ...]:
+        """A chunk's objective (summed loss, KL, clipped count) and what the step's metrics need of it."""
+        with self._forward_precision():
+            logp, mask = completion_logprobs(self.policy, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
+            tensors = self._tensors(chunk, logp.shape)
+            ref = None
+            if self.algo.beta > 0:
+                with torch.no_grad():
+                    ref, _ = completion_logprobs(self.reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
+            loss, kl, clipped = objective(self.rule, logp, mask, tensors, ref, self.algo.clip_eps, self.algo.beta)
+        return loss, kl, clipped, logp, mask, tensors
+
+    def fit_token_budget(self, rows: dict[str, list]) -> int:
+        """The largest token budget whose micro-batch fits the device with a margin: one probe micro-batch of the
+        longest of `rows` (forward and backward, no step) gives the peak memory per padded token, scaled to the
+        memory left once the gradients and Adam's moments have their place."""
+        probe = by_length(rows, PROBE_TOKENS)[-1]
+        longest = max(len(p) + len(c) for p, c in zip(probe["prompt_ids"], probe["completion_ids"]))
+        gradients = sum(p.numel() * p.element_size() for p in self.policy.parameters() if p.requires_grad)
+        moments = 0 if self.optimizer.state else 2 * gradients  # allocated by the first optimizer step
+        self.policy.train()
+        with PeakMemory(self.policy.device) as memory:
+            self._forward(probe)[0].backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        per_token = max(memory.peak - gradients, 1) / (len(probe["prompt_ids"]) * longest)
+        room = available_bytes(self.policy.device) * AUTO_MEMORY_FRACTION - gradients - moments
+        return max(int(room / per_token), longest)
 
     def _tensors(self, chunk: dict[str, list], shape: torch.Size) -> dict[str, torch.Tensor]:
         device = self.policy.device

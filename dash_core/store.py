@@ -105,6 +105,13 @@ class RunStore:
         with self.fs.open(self.path(self.manifest(iteration).path), "rb") as f:
             return pq.read_table(f)
 
+    def kept_rows(self, manifest: BatchManifest, columns: list[str] | None = None, rows: range | None = None) -> dict[str, list]:
+        """The kept rows of a batch (all, or those numbered `rows`) at once, by column."""
+        table = {}
+        for chunk in self.kept_chunks(manifest, max(manifest.kept, 1), columns, rows):
+            table = chunk
+        return table
+
     def kept_chunks(
         self, manifest: BatchManifest, size: int, columns: list[str] | None = None, rows: range | None = None
     ) -> Iterator[dict[str, list]]:

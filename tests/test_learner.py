@@ -6,7 +6,7 @@ import torch
 from helpers import TINY, chunks_of, make_batch
 
 from dash_core.config import AlgoConfig, LearnerConfig
-from dash_core.learner import Learner, NonFiniteLossError, completion_logprobs
+from dash_core.learner import Learner, NonFiniteLossError, by_length, completion_logprobs
 from dash_core.models import load_policy
 from dash_core.rules import RULES, objective
 from dash_core.samplers import SamplingParams, TransformersSampler
@@ -165,3 +165,47 @@ def test_precision_must_match_the_weights_dtype():
         load_config(overrides=["learner.precision=bf16"])
     assert load_config(overrides=["learner.precision=bf16", "model.dtype=bfloat16"]).learner.precision == "bf16"
     assert load_config(overrides=["learner.precision=bf16-mixed"]).model.dtype == "float32"
+
+
+def test_micro_batches_by_token_budget_stay_within_it_and_keep_every_row():
+    rows = {"prompt_ids": [[1] * 5] * 3 + [[1] * 2] * 3, "completion_ids": [[2] * 5, [2], [2] * 3, [2] * 30, [2], [2]]}
+    chunks = by_length(rows, 20)
+    for chunk in chunks:
+        lengths = [len(p) + len(c) for p, c in zip(chunk["prompt_ids"], chunk["completion_ids"])]
+        assert len(lengths) * max(lengths) <= 20 or len(lengths) == 1  # a row over the budget goes alone
+    assert sorted(map(len, (c for chunk in chunks for c in chunk["completion_ids"]))) == [1, 1, 1, 3, 5, 30]
+
+
+def test_a_token_budget_gives_the_same_step_with_less_padding(policy_and_tokenizer, tmp_path):
+    from dash_core.store import RunStore
+
+    policy, tokenizer = policy_and_tokenizer
+    batch = make_batch(tokenizer, n=12)
+    store = RunStore(str(tmp_path), "run")
+    manifest = store.write_batch(1, batch | {"kept": [True] * 12, "reward": [1.0] * 12})
+    by_rows = Learner(copy.deepcopy(policy), LearnerConfig(grad_clip=1e9, micro_batch_size=3), PG, tokenizer.pad_token_id)
+    by_tokens = Learner(copy.deepcopy(policy), LearnerConfig(grad_clip=1e9, tokens_per_micro_batch=40), PG, tokenizer.pad_token_id)
+    rows_metrics, tokens_metrics = by_rows.learn(store, manifest), by_tokens.learn(store, manifest)
+    assert tokens_metrics["train/loss"] == pytest.approx(rows_metrics["train/loss"], rel=1e-5)
+    assert tokens_metrics["train/padding_fraction"] < rows_metrics["train/padding_fraction"]
+    for a, b in zip(by_rows.policy.parameters(), by_tokens.policy.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_an_automatic_token_budget_is_found_once_and_fits_a_whole_row(policy_and_tokenizer, tmp_path):
+    from dash_core.store import RunStore
+
+    policy, tokenizer = policy_and_tokenizer
+    batch = make_batch(tokenizer, n=12)
+    store = RunStore(str(tmp_path), "run")
+    manifest = store.write_batch(1, batch | {"kept": [True] * 12, "reward": [1.0] * 12})
+    learner = Learner(copy.deepcopy(policy), LearnerConfig(grad_clip=1e9, tokens_per_micro_batch="auto"), PG, tokenizer.pad_token_id)
+    before = [p.detach().clone() for p in learner.policy.parameters()]
+    learner.fit_token_budget(store.kept_rows(manifest))
+    assert all(torch.equal(a, b) and b.grad is None for a, b in zip(before, learner.policy.parameters()))  # no step
+    metrics = learner.learn(store, manifest)
+    budget = learner.token_budget
+    longest = max(len(p) + len(c) for p, c in zip(batch["prompt_ids"], batch["completion_ids"]))
+    assert budget >= longest and math.isfinite(metrics["train/loss"])
+    learner.learn(store, manifest)
+    assert learner.token_budget == budget  # found at the first step only
