@@ -90,7 +90,8 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     batch = {"prompt_ids": prompts, "completion_ids": completions, "advantage": [1.0 - 2 * (i % 2) for i in range(rows)],
              "sampler_logprobs": [[-1.0] * config["completion"]] * rows}  # fmt: skip
     size, tokens = config["micro_batch"], config.get("tokens")
-    learner = Learner(policy, LearnerConfig(lr=1e-6, micro_batch_size=size, tokens_per_micro_batch=tokens), AlgoConfig(), pad_id=0)
+    learner_cfg = LearnerConfig(lr=1e-6, micro_batch_size=size, tokens_per_micro_batch=tokens, precision=config.get("precision"))
+    learner = Learner(policy, learner_cfg, AlgoConfig(), pad_id=0)
     if tokens:  # micro-batches as the learner groups a batch by its token budget
         learner.step([batch])  # allocator and optimizer state settle before the probe sizes an automatic budget
         learner.token_budget = learner.token_budget or learner.fit_token_budget(batch)
@@ -114,6 +115,8 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--logprobs", default="full,lean", help="comma-separated: full (before), lean (today)")
     parser.add_argument("--dtype", default="float32", help="comma-separated model dtypes: float32, bfloat16")
+    parser.add_argument("--precision", default="model", help="comma-separated learner precisions: model (the "
+                        "model's dtype), bf16-mixed (autocast over float32 weights)")
     parser.add_argument("--checkpointing", default="off", help="comma-separated: off, on (activation checkpointing)")
     parser.add_argument("--micro-batch", default="8", help="comma-separated sequences per forward+backward")
     parser.add_argument("--tokens", default="rows", help="comma-separated token budgets per micro-batch, 'auto' (sized "
@@ -129,12 +132,13 @@ def main() -> None:
     if args.worker:
         print(json.dumps(measure(json.loads(args.worker))))
         return
-    grid = itertools.product(args.model.split(","), args.logprobs.split(","), args.dtype.split(","),
+    grid = itertools.product(args.model.split(","), args.logprobs.split(","), args.dtype.split(","), args.precision.split(","),
                              args.checkpointing.split(","), map(int, args.micro_batch.split(",")),
                              [None if t == "rows" else t if t == "auto" else int(t) for t in args.tokens.split(",")])  # fmt: skip
     rows = []
-    for model, logprobs, dtype, checkpointing, micro_batch, tokens in grid:
+    for model, logprobs, dtype, precision, checkpointing, micro_batch, tokens in grid:
         config = {"model": model, "logprobs": logprobs, "dtype": dtype, "checkpointing": checkpointing == "on",
+                  "precision": None if precision == "model" else precision,
                   "micro_batch": micro_batch, "tokens": tokens, "rows": args.rows, "prompt": args.prompt, "completion": args.completion,
                   "steps": args.steps, "threads": args.threads}  # fmt: skip
         done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True)
@@ -146,11 +150,12 @@ def main() -> None:
         if args.json:
             print(json.dumps(result), flush=True)
     if not args.json:
-        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'ckpt':4} {'micro-batch':>13} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8}")
+        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'mixed':5} {'ckpt':4} {'micro-batch':>13} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8}")
         for r in rows:
             c = r["config"]
             micro = f"{c['tokens']} tok" if c.get("tokens") else f"{c['micro_batch']} rows"
-            head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {'on' if c['checkpointing'] else 'off':4} {micro:>13}"
+            mixed = "bf16" if c.get("precision") == "bf16-mixed" else "-"
+            head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {mixed:5} {'on' if c['checkpointing'] else 'off':4} {micro:>13}"
             print(head + (f" {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_mem_gib']:8.2f}" if "error" not in r else f"  {r['error']}"))
 
 if __name__ == "__main__":
