@@ -130,6 +130,16 @@ def wait_healthy(process: subprocess.Popen, health_url: str, timeout_s: float, i
     return f"not ready after {timeout_s:.0f} s"
 
 
+def stop_process(process: subprocess.Popen, timeout_s: float = 10) -> None:
+    """SIGTERM, then SIGKILL if it has not exited after `timeout_s`."""
+    process.terminate()
+    try:
+        process.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
 def free_port(start: int, host: str = "127.0.0.1") -> int:
     """The first port from `start` that nothing listens on (ports in TIME_WAIT count as free, as for the server)."""
     for port in range(start, 65536):

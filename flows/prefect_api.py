@@ -20,7 +20,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dash_core.serving import wait_healthy
+from dash_core.serving import stop_process, wait_healthy
 
 PR_SET_PDEATHSIG = 1
 
@@ -51,12 +51,7 @@ def prefect_api() -> Iterator[None]:
             finally:
                 _drain_clients()
     finally:
-        server.terminate()
-        try:
-            server.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
+        stop_process(server)
 
 
 def _drain_clients() -> None:

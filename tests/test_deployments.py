@@ -18,7 +18,7 @@ from uuid import UUID
 import psutil
 import pytest
 
-from dash_core.serving import free_port, wait_healthy
+from dash_core.serving import free_port, stop_process, wait_healthy
 from dash_core.store import RunStore
 from dash_core.tracking import client
 
@@ -74,15 +74,6 @@ def started(command: list[str], env: dict[str, str], cwd: Path, log: Path) -> su
         return subprocess.Popen(command, env=env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 @pytest.fixture(scope="module")
 def platform(tmp_path_factory) -> Platform:
     root = tmp_path_factory.mktemp("platform")
@@ -120,8 +111,8 @@ def platform(tmp_path_factory) -> Platform:
         yield platform
     finally:
         if worker is not None:  # before the server: a worker whose server is gone hangs in its shutdown
-            stop(worker)
-        stop(server)
+            stop_process(worker, 30)
+        stop_process(server, 30)
 
 
 def test_a_deployed_training_run_completes_into_the_team_mlflow_and_store(platform):
