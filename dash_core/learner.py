@@ -7,10 +7,11 @@ the sampler's values shows whether the samples really were on-policy.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import time
-from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,7 @@ from dash_core.config import AlgoConfig, LearnerConfig
 from dash_core.memory import PeakMemory, available_bytes
 from dash_core.rules import RULES, normalise, objective
 from dash_core.store import BatchManifest, RunStore
+from dash_core.team import Team
 
 log = logging.getLogger(__name__)
 LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]  # what a learner reads of a batch
@@ -63,6 +65,14 @@ class LearnStats:
             total.backward_s += s.backward_s
         total.grad_norm = sum(s.grad_norm for s in steps) / len(steps)
         return total
+
+    def combine_team(self, team: Team, gap_sum: float) -> float:
+        """The whole team's sums and maxima in place of this process's; returns the team's summed gap."""
+        names = ["loss_sum", "kl_sum", "clipped", "sequences", "tokens", "row_tokens", "padded_tokens"]
+        sums, (self.gap_max,) = team.total([getattr(self, name) for name in names] + [gap_sum], [self.gap_max])
+        for name, value in zip(names, sums):
+            setattr(self, name, type(getattr(self, name))(value))
+        return sums[-1]
 
     def metrics(self) -> dict[str, float]:
         tokens = max(self.tokens, 1)
@@ -131,6 +141,18 @@ def _token_logprobs(head: torch.nn.Module, hidden: torch.Tensor, targets: torch.
     return logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
 
 
+class CompletionLogProbs(torch.nn.Module):
+    """`completion_logprobs` of a policy as a module: what DDP wraps, so that the gradients of everything it
+    computes are averaged across the processes of a team."""
+
+    def __init__(self, policy: PreTrainedModel, pad_id: int):
+        super().__init__()
+        self.policy, self.pad_id = policy, pad_id
+
+    def forward(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        return completion_logprobs(self.policy, prompt_ids, completion_ids, self.pad_id)
+
+
 def _head_is_plain(policy: PreTrainedModel) -> bool:
     """Logits = LM head of the base model's last hidden state, with no softcapping or scaling in between."""
     config = policy.config
@@ -165,8 +187,10 @@ class Learner:
         algo: AlgoConfig,
         pad_id: int,
         reference: PreTrainedModel | None = None,
+        team: Team | None = None,
     ):
         self.policy = policy
+        self.team = team
         self.cfg = cfg
         self.algo = algo
         self.rule = RULES[algo.rule]
@@ -178,27 +202,59 @@ class Learner:
         self.mixed = cfg.precision == "bf16-mixed"  # float32 weights and Adam state, bfloat16 matmuls
         self.partial = False  # some, not all, of a batch's optimizer steps are in the weights: no state to save
         self.token_budget = None if cfg.tokens_per_micro_batch == "auto" else cfg.tokens_per_micro_batch
+        self.logprobs: torch.nn.Module = CompletionLogProbs(policy, pad_id)  # what the learner differentiates
+        if team:
+            self.logprobs = team.data_parallel(self.logprobs, policy.device)
 
     def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
-        """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics."""
+        """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics.
+        In a team, each process learns from its share of each step's rows."""
+        self._tell("learn", store, manifest)
         steps: list[LearnStats] = []
         self.partial = True
         for rows in self.rule.optimizer_steps(manifest.kept, self.algo.ppo_steps):
-            if self.cfg.tokens_per_micro_batch:
-                kept = store.kept_rows(manifest, LEARNER_COLUMNS, rows)
-                if self.token_budget is None:
-                    self.token_budget = self.fit_token_budget(kept)
-                    log.info("learner micro-batches: %d tokens (found for the memory left)", self.token_budget)
-                chunks = by_length(kept, self.token_budget)
-            else:
-                chunks = store.kept_chunks(manifest, self.cfg.micro_batch_size, LEARNER_COLUMNS, rows)
+            kept = store.kept_rows(manifest, LEARNER_COLUMNS, rows)
+            mine = self.team.share(kept) if self.team else kept
             try:
-                steps.append(self.step(chunks))
+                stand_in = {key: values[:1] for key, values in kept.items()} if self.team else None
+                steps.append(self.step(self.micro_batches(mine), stand_in))
             except NonFiniteLossError:
                 self.partial = bool(steps)  # the guard takes no step: without earlier steps the weights are clean
                 raise
         self.partial = False
         return self.rule.reported(LearnStats.combine(steps).metrics(), self.algo.beta)
+
+    def micro_batches(self, rows: dict[str, list]) -> list[dict[str, list]]:
+        """`rows` in micro-batches: by token budget (rows grouped by length), or `micro_batch_size` rows each."""
+        if not rows["prompt_ids"]:
+            return []
+        if not self.cfg.tokens_per_micro_batch:
+            size = self.cfg.micro_batch_size
+            return [{key: values[i : i + size] for key, values in rows.items()} for i in range(0, len(rows["prompt_ids"]), size)]
+        if self.token_budget is None:
+            self.token_budget = self.fit_token_budget(rows)
+            log.info("learner micro-batches: %d tokens (found for the memory left)", self.token_budget)
+        return by_length(rows, self.token_budget)
+
+    def share_weights(self) -> None:
+        """After the leader's policy changed outside a learning step (warm-up, a cached warm-up): the followers'
+        policies take its weights."""
+        self._tell("share_weights")
+        if self.team:
+            self.team.align(self.policy)
+
+    def use_reference(self, reference: PreTrainedModel | None = None) -> None:
+        """The frozen KL reference (the leader's; followers copy its weights into a model of the policy's shape)."""
+        self._tell("use_reference")
+        if self.team:
+            reference = reference or copy.deepcopy(self.policy)
+            self.team.align(reference)
+        self.reference = reference.eval().requires_grad_(False)
+
+    def _tell(self, method: str, *args: object) -> None:
+        """The leader of a team: the followers make the same call."""
+        if self.team and self.team.leads:
+            self.team.tell(method, *args)
 
     def _forward_precision(self) -> torch.autocast:
         return torch.autocast(self.policy.device.type, dtype=torch.bfloat16, enabled=self.mixed)
@@ -206,27 +262,37 @@ class Learner:
     def load_optimizer_state(self, state: dict) -> None:
         """Adam's moments from a checkpoint; the learning rate and weight decay stay the config's, so a resumed run
         can change them (a checkpoint's param groups would silently override them)."""
+        self._tell("load_optimizer_state", state)
         self.optimizer.load_state_dict(state)
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
 
-    def step(self, chunks: Iterable[dict[str, list]]) -> LearnStats:
-        """One optimizer step over `chunks` (columns prompt_ids, completion_ids, advantage, sampler_logprobs)."""
+    def step(self, chunks: list[dict[str, list]], stand_in: dict[str, list] | None = None) -> LearnStats:
+        """One optimizer step over `chunks` (columns prompt_ids, completion_ids, advantage, sampler_logprobs).
+
+        In a team, the gradients of every process's chunks are summed in the backward pass of each one's last
+        chunk, and the loss is normalised by the whole step's tokens; a process without chunks runs `stand_in` (a
+        row) with weight 0, so that it still takes part in that sum."""
         if self.algo.beta > 0 and self.reference is None:
-            raise ValueError("a KL penalty (algo.beta > 0) needs a reference model: set learner.reference first")
+            raise ValueError("a KL penalty (algo.beta > 0) needs a reference model: call learner.use_reference first")
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats = LearnStats()
         gap_sum = 0.0
-        for chunk in chunks:
-            start = time.perf_counter()
-            loss, kl, clipped, logp, mask, tensors = self._forward(chunk)
-            _synchronize(logp.device)
-            middle = time.perf_counter()
-            loss.backward()
-            _synchronize(logp.device)
+        idle = bool(self.team and not chunks)
+        chunks = [stand_in] if idle else chunks
+        for i, chunk in enumerate(chunks):
+            with self._accumulating(last=i == len(chunks) - 1):
+                start = time.perf_counter()
+                loss, kl, clipped, logp, mask, tensors = self._forward(chunk)
+                _synchronize(logp.device)
+                middle = time.perf_counter()
+                (loss * 0 if idle else loss).backward()
+                _synchronize(logp.device)
             stats.forward_s += middle - start
             stats.backward_s += time.perf_counter() - middle
+            if idle:
+                break
             gap = (logp.detach() - tensors["sampler_logprobs"]).abs() * mask
             gap_sum += gap.sum().item()
             stats.gap_max = max(stats.gap_max, gap.max().item())
@@ -238,10 +304,12 @@ class Learner:
             stats.tokens += int(mask.sum().item())
             stats.row_tokens += sum(lengths)
             stats.padded_tokens += len(lengths) * max(lengths)
+        if self.team:
+            gap_sum = stats.combine_team(self.team, gap_sum)
         if stats.sequences == 0:
             return stats
         stats.gap_mean = gap_sum / stats.tokens
-        normalise(self.policy.parameters(), stats.tokens)
+        normalise(self.policy.parameters(), stats.tokens / (self.team.size if self.team else 1))  # DDP averaged them
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip).item()
         if not (math.isfinite(stats.loss_sum) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -253,10 +321,14 @@ class Learner:
         stats.grad_norm = grad_norm
         return stats
 
+    def _accumulating(self, last: bool) -> AbstractContextManager:
+        """In a team, gradients are summed across processes only in the backward pass of the last chunk."""
+        return self.logprobs.no_sync() if self.team and not last else nullcontext()
+
     def _forward(self, chunk: dict[str, list]) -> tuple[torch.Tensor, ...]:
         """A chunk's objective (summed loss, KL, clipped count) and what the step's metrics need of it."""
         with self._forward_precision():
-            logp, mask = completion_logprobs(self.policy, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
+            logp, mask = self.logprobs(chunk["prompt_ids"], chunk["completion_ids"])
             tensors = self._tensors(chunk, logp.shape)
             ref = None
             if self.algo.beta > 0:
@@ -274,7 +346,7 @@ class Learner:
         gradients = sum(p.numel() * p.element_size() for p in self.policy.parameters() if p.requires_grad)
         moments = 0 if self.optimizer.state else 2 * gradients  # allocated by the first optimizer step
         self.policy.train()
-        with PeakMemory(self.policy.device) as memory:
+        with PeakMemory(self.policy.device) as memory, self._accumulating(last=False):
             self._forward(probe)[0].backward()
         self.optimizer.zero_grad(set_to_none=True)
         per_token = max(memory.peak - gradients, 1) / (len(probe["prompt_ids"]) * longest)

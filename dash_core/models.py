@@ -23,6 +23,7 @@ from transformers import (
 
 from dash_core.config import ModelConfig, TinyModelConfig
 from dash_core.model_zoo import resolve
+from dash_core.team import local_device
 
 TINY = "tiny"
 SPECIAL_TOKENS = {"pad_token": "<pad>", "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>"}
@@ -58,9 +59,10 @@ def tiny_model(cfg: TinyModelConfig, tokenizer: PreTrainedTokenizerBase, seed: i
 
 
 def resolve_device(name: str) -> torch.device:
+    """`auto`: a GPU when there is one; each learner process of a team takes its own GPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return local_device(torch.device(name))
 
 
 def save_model(

@@ -24,6 +24,7 @@ from dash_core.checkpoint import Checkpointer, load_latest, set_rng_state
 from dash_core.config import DashConfig
 from dash_core.data import Problem, Task
 from dash_core.evaluation import eval_sampling, evaluate_sets
+from dash_core.follower import start as start_followers
 from dash_core.learner import Learner
 from dash_core.models import save_model
 from dash_core.preflight import check_run
@@ -32,6 +33,7 @@ from dash_core.rewards.grading import Grades, grade
 from dash_core.rules import RULES
 from dash_core.samplers import SamplingParams, policy_sampler
 from dash_core.store import BatchManifest, RunStore
+from dash_core.team import team
 from dash_core.timing import timed
 from dash_core.traces import Teacher, as_generations
 from dash_core.tracking import Tracker, dataset_inputs
@@ -89,7 +91,10 @@ class TrainingRun:
         self.policy, self.tokenizer, self.sampler = policy_sampler(
             config.model, config.sampler, config.seed, self.sync_dir, path=checkpoint_dir
         )
-        self.learner = Learner(self.policy, config.learner, config.algo, self.tokenizer.pad_token_id)
+        self.team = team()  # other learner processes, which this one (the leader) tells what to learn
+        if self.team:
+            start_followers(self.team, config)
+        self.learner = Learner(self.policy, config.learner, config.algo, self.tokenizer.pad_token_id, team=self.team)
         self.rule = RULES[config.algo.rule]
         self.warmup = WarmUp(config, self.policy, self.tokenizer, self.task, self.sampler, self.encode, self.sampling(1))
         self.teacher = Teacher(config)
@@ -174,6 +179,7 @@ class TrainingRun:
                 run.restore(checkpoint.iteration, checkpoint.trainer_state)
             elif config.warmup.steps and run.warmup.cached:
                 run.warmup.load_into(run.policy)
+                run.learner.share_weights()
                 run.warm = True
             run.replay()
         log.info("resumed run %s at iteration %d", run_id, run.iteration)
@@ -249,6 +255,7 @@ class TrainingRun:
     def warm_up(self) -> dict[str, float]:
         """Supervised warm-up (see `WarmUp`); the samplers then hold the warmed-up weights."""
         metrics = self.warmup.run()
+        self.learner.share_weights()
         self.sync()
         self.warm = True
         return metrics
@@ -326,7 +333,7 @@ class TrainingRun:
         else:
             self.empty_iterations = 0
             if self.config.algo.beta > 0 and self.learner.reference is None:
-                self.learner.reference = self.warmup.reference()
+                self.learner.use_reference(self.warmup.reference())
             self.metrics |= self.learner.learn(self.store, manifest)
         self.iteration = manifest.iteration
         self.samples_total += manifest.rows

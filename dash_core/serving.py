@@ -8,6 +8,7 @@ endpoints are unauthenticated: bind servers to loopback, or to a network only th
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ import httpx
 import torch
 
 log = logging.getLogger(__name__)
+PR_SET_PDEATHSIG = 1
 
 
 class ServerError(RuntimeError):
@@ -138,6 +140,20 @@ def stop_process(process: subprocess.Popen, timeout_s: float = 10) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def unused_port(host: str = "127.0.0.1") -> int:
+    """A port the kernel just handed out as unused (a bind to port 0)."""
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def die_with_parent(parent: int) -> bool:
+    """End this process with SIGTERM when `parent` dies, even by kill -9 (PR_SET_PDEATHSIG); False when the
+    parent is already gone."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    return os.getppid() == parent
 
 
 def free_port(start: int, host: str = "127.0.0.1") -> int:

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train a policy (the embedded default needs no GPU and no network)")
     _config_args(train)
     train.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its last checkpoint")
+    train.add_argument("--learners", type=_positive, default=1, metavar="N",
+                       help="learner processes on this machine (data-parallel, one GPU each); under torchrun, "
+                            "leave it out: torchrun starts the processes")  # fmt: skip
 
     evaluate = commands.add_parser("eval", help="score a model: greedy and sampled accuracy, pass@k")
     _config_args(evaluate)
@@ -87,6 +90,12 @@ def _presets(text: str) -> list[Preset]:
         problem = f"unknown preset {unknown[0]!r}" if unknown else "no preset given"
         raise argparse.ArgumentTypeError(f"{problem} (choose from {', '.join(Preset)})")
     return [Preset(name) for name in names]
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return int(text)
 
 
 def _seeds(text: str) -> list[int]:
@@ -211,6 +220,12 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print((folder / "report.md").read_text())
         return 0
+    if args.command == "train" and os.environ.get("RANK", "0") != "0":  # a follower learner (torchrun, --learners)
+        from dash_core.follower import follow
+        from dash_core.team import team
+
+        follow(team())
+        return 0
     try:
         config = resolve_config(args)
     except ConfigError as exc:
@@ -218,10 +233,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from dash_core.learner import NonFiniteLossError
     from dash_core.run import EverythingFilteredError, ResumeError
+    from dash_core.team import Followers, dismiss
     from flows.prefect_api import prefect_api
 
     _show_dash_logs()
-
+    followers = Followers(args.learners) if args.command == "train" and args.learners > 1 and "WORLD_SIZE" not in os.environ else None
     try:
         with prefect_api():
             _run(args, config)
@@ -231,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("dashrl: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError:
+        if followers and (lost := followers.lost()):
+            print(f"dashrl: {lost}, so the run stopped (its output above says why); resume as above", file=sys.stderr)
+            return 1
+        raise
+    finally:
+        followers.close() if followers else dismiss()
     return 0
 
 

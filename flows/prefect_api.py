@@ -11,18 +11,13 @@ two differences that make stops clean:
 
 from __future__ import annotations
 
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from dash_core.serving import stop_process, wait_healthy
-
-PR_SET_PDEATHSIG = 1
+from dash_core.serving import die_with_parent, stop_process, unused_port, wait_healthy
 
 
 @contextmanager
@@ -33,9 +28,7 @@ def prefect_api() -> Iterator[None]:
     if PREFECT_API_URL.value():
         yield
         return
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = unused_port()
     env = os.environ | {"PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
     server = subprocess.Popen([sys.executable, "-m", "flows.prefect_api", str(port), str(os.getpid())], env=env,
                               start_new_session=True)  # fmt: skip
@@ -65,8 +58,7 @@ def _drain_clients() -> None:
 
 def _serve(port: int, parent: int) -> None:
     """The server process: bound to its parent's life, then Prefect's app under uvicorn."""
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the line above
+    if not die_with_parent(parent):  # it died before the server could bind to it
         return
     import uvicorn
 

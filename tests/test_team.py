@@ -1,0 +1,74 @@
+"""Data-parallel learners: two gloo processes (the leader and a real follower) take the step one process takes."""
+
+import os
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from helpers import TINY, make_batch
+
+from dash_core.config import DashConfig
+from dash_core.follower import follow, start
+from dash_core.learner import Learner
+from dash_core.models import load_policy
+from dash_core.serving import unused_port
+from dash_core.store import RunStore
+from dash_core.team import Team, dismiss, team
+
+CASES = {
+    "rows": ({"micro_batch_size": 2}, "pg", 7),
+    "token-budget": ({"tokens_per_micro_batch": 30}, "pg", 7),
+    "two-minibatches": ({"micro_batch_size": 3}, "ppo_mini", 7),
+    "a-process-without-rows": ({"micro_batch_size": 2}, "pg", 1),
+}
+
+
+def config_of(learner: dict, rule: str) -> DashConfig:
+    return DashConfig.model_validate({"model": TINY.model_dump(), "learner": learner, "algo": {"rule": rule, "ppo_steps": 2}})
+
+
+def write_batch(store: RunStore, kept: int) -> None:
+    _, tokenizer = load_policy(TINY)
+    batch = make_batch(tokenizer, n=8)
+    store.write_batch(1, batch | {"kept": [i < kept for i in range(8)], "reward": [float(i % 2) for i in range(8)]})
+
+
+def learn(config: DashConfig, store: RunStore, member: Team | None) -> tuple[dict, dict]:
+    """The leader's (or the only) learner after one batch: its weights and metrics."""
+    if member:
+        start(member, config)
+    policy, tokenizer = load_policy(config.model, config.seed)
+    learner = Learner(policy, config.learner, config.algo, tokenizer.pad_token_id, team=member)
+    metrics = learner.learn(store, store.manifest(1))
+    return {k: v.clone() for k, v in policy.state_dict().items()}, metrics
+
+
+def team_member(rank: int, port: int, case: str, store_root: str, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    member = team()
+    torch.set_num_threads(1)
+    if rank:
+        follow(member)
+        return
+    torch.save(learn(config_of(*CASES[case][:2]), RunStore(store_root, "run"), member), out)
+    dismiss()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_two_processes_hold_the_weights_one_process_holds(tmp_path, case):
+    learner, rule, kept = CASES[case]
+    store = RunStore(str(tmp_path), "run")
+    write_batch(store, kept)
+    alone_weights, alone_metrics = learn(config_of(learner, rule), store, None)
+    mp.spawn(team_member, args=(unused_port(), case, str(tmp_path), str(tmp_path / "team.pt")), nprocs=2)
+    team_weights, team_metrics = torch.load(tmp_path / "team.pt")
+    initial, _ = load_policy(TINY)
+    assert all(not torch.equal(w, initial.state_dict()[name]) for name, w in alone_weights.items())  # the step moved all
+    gaps = torch.cat([(team_weights[name] - w).abs().flatten() for name, w in alone_weights.items()])
+    # Adam divides each gradient entry by its own size, so an entry whose gradient is float32 noise (|g| ~ Adam's
+    # eps) moves by up to lr either way; one process with another micro-batch size shows the same few entries.
+    assert (gaps > 1e-6).sum() <= gaps.numel() * 1e-4 and gaps.max() <= config_of(learner, rule).learner.lr
+    assert team_metrics.keys() == alone_metrics.keys()
+    for name, value in alone_metrics.items():
+        if not name.startswith(("time/", "train/padding_fraction")):  # padding: the processes' micro-batches differ
+            assert team_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
