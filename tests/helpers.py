@@ -1,4 +1,10 @@
-"""Helpers shared by the learner, rule and sampler tests."""
+"""Helpers shared by the tests."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import torch
 from mlflow.tracking import MlflowClient
@@ -44,3 +50,28 @@ def make_batch(tokenizer, n=8):
 def chunks_of(batch, size):
     n = len(batch["prompt_ids"])
     return [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, n, size)]
+
+
+DASHRL = str(Path(sys.executable).with_name("dashrl"))
+
+
+def start_dashrl(args: list[str], cwd: Path) -> subprocess.Popen:
+    """`dashrl` in its own session, as a terminal starts it, with its own Prefect home and private API server."""
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(cwd / "prefect")}
+    return subprocess.Popen([DASHRL, *args], env=env, cwd=cwd, start_new_session=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def wait_logged(trainer: subprocess.Popen, database: Path, experiment: str, iterations: int) -> str:
+    """The id of the trainer's MLflow run, once it has logged `iterations` iterations."""
+    from dash_core.tracking import client
+
+    for _ in range(2400):
+        assert trainer.poll() is None, trainer.communicate()[1][-3000:]
+        mlflow = client(f"sqlite:///{database}") if database.exists() else None  # waits while the trainer creates it
+        found = mlflow and mlflow.get_experiment_by_name(experiment)
+        runs = mlflow.search_runs([found.experiment_id]) if found else []
+        if runs and len(mlflow.get_metric_history(runs[0].info.run_id, "reward/mean")) >= iterations:
+            return runs[0].info.run_id
+        time.sleep(0.5)
+    raise AssertionError(f"the run never logged {iterations} iterations")

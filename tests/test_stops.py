@@ -5,24 +5,20 @@ it, also after kill -9."""
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import yaml
+from helpers import start_dashrl, wait_logged
 from mlflow.tracking import MlflowClient
 
 from dash_core.checkpoint import load_latest
 from dash_core.store import RunStore
-from dash_core.tracking import client
-
-DASHRL = str(Path(sys.executable).with_name("dashrl"))
 
 
 def start_training(tmp_path: Path) -> tuple[subprocess.Popen, str, str]:
-    """`dashrl train` in its own session, as a terminal starts it; returns once it has logged two iterations."""
+    """`dashrl train` as a terminal starts it; returns once it has logged two iterations."""
     config = {
         "iterations": 100_000, "threads": 1, "task": {"digits": 1, "heldout_fraction": 0.2},
         "sampler": {"prompts_per_iteration": 4, "group_size": 4}, "warmup": {"steps": 20, "batch_size": 8, "target_accuracy": None},
@@ -30,19 +26,8 @@ def start_training(tmp_path: Path) -> tuple[subprocess.Popen, str, str]:
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "stops"},
     }  # fmt: skip
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
-    trainer = subprocess.Popen([DASHRL, "train", "--config", str(tmp_path / "run.yaml")], env=env, cwd=tmp_path,
-                               start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
-    uri = config["tracking"]["uri"]
-    for _ in range(1200):
-        assert trainer.poll() is None, trainer.communicate()[1][-3000:]
-        mlflow = client(uri) if (tmp_path / "mlflow.db").exists() else None  # waits while the trainer creates it
-        experiment = mlflow and mlflow.get_experiment_by_name("stops")
-        runs = mlflow.search_runs([experiment.experiment_id]) if experiment else []
-        if runs and len(mlflow.get_metric_history(runs[0].info.run_id, "reward/mean")) >= 2:
-            return trainer, runs[0].info.run_id, uri
-        time.sleep(0.5)
-    raise AssertionError("the run never logged two iterations")
+    trainer = start_dashrl(["train", "--config", str(tmp_path / "run.yaml")], tmp_path)
+    return trainer, wait_logged(trainer, tmp_path / "mlflow.db", "stops", 2), config["tracking"]["uri"]
 
 
 def family(trainer: subprocess.Popen) -> list[psutil.Process]:

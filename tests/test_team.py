@@ -1,11 +1,16 @@
-"""Data-parallel learners: two gloo processes (the leader and a real follower) take the step one process takes."""
+"""Data-parallel learners: two gloo processes (the leader and a real follower) take the step one process takes;
+`dashrl train --learners 2` runs the embedded default, fails with a clear message when a learner dies, and resumes."""
 
 import os
+import signal
+import subprocess
 
+import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
-from helpers import TINY, make_batch
+from helpers import DASHRL, TINY, make_batch, start_dashrl, wait_logged
+from mlflow.tracking import MlflowClient
 
 from dash_core.config import DashConfig
 from dash_core.follower import follow, start
@@ -72,3 +77,26 @@ def test_two_processes_hold_the_weights_one_process_holds(tmp_path, case):
     for name, value in alone_metrics.items():
         if not name.startswith(("time/", "train/padding_fraction")):  # padding: the processes' micro-batches differ
             assert team_metrics[name] == pytest.approx(value, rel=1e-5, abs=1e-7), name
+
+
+def test_learners_2_train_the_embedded_default_and_resume_after_losing_a_learner(tmp_path):
+    trainer = start_dashrl(["train", "--learners", "2"], tmp_path)
+    run_id = wait_logged(trainer, tmp_path / "mlflow.db", "dash", 30)
+    followers = [p for p in psutil.Process(trainer.pid).children() if "flows.cli" in " ".join(p.cmdline())]
+    assert [p.environ()["RANK"] for p in followers] == ["1"]
+    followers[0].send_signal(signal.SIGKILL)
+    out, err = trainer.communicate(timeout=300)
+    said = " ".join((out + err).split())
+    assert trainer.returncode == 1, err[-3000:]
+    assert f"learner process 1 (pid {followers[0].pid}) stopped (killed by SIGKILL)" in said, err[-3000:]
+    assert f"dashrl train --resume {run_id}" in said
+
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
+    resumed = subprocess.run([DASHRL, "train", "--resume", run_id, "--learners", "2"], env=env, cwd=tmp_path,
+                             capture_output=True, text=True, timeout=900)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    mlflow = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
+    assert mlflow.get_run(run_id).info.status == "FINISHED"
+    steps = [m.step for m in mlflow.get_metric_history(run_id, "reward/mean")]
+    assert sorted(steps) == list(range(1, 201))  # every iteration once: none lost, none twice
+    assert mlflow.get_metric_history(run_id, "eval/arithmetic/accuracy")[-1].value >= 0.8
