@@ -175,6 +175,12 @@ class LearnerConfig(Section):
         "bf16-mixed: float32 weights and optimizer state, bfloat16 arithmetic (autocast); None: the model's dtype",
     )
     activation_checkpointing: bool = Field(False, description="recompute layer activations in the backward pass: less memory, more compute")
+    data_parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with several learner processes (dashrl train --learners N, torchrun): ddp keeps the whole model, "
+        "its gradients and Adam's state in each; fsdp (FSDP2) splits them across the processes, for a model whose "
+        "training state does not fit one device (the leader keeps one whole copy for sampling)",
+    )
 
 
 class WarmupConfig(Section):
@@ -274,6 +280,8 @@ class DashConfig(Section):
             raise ValueError("algo.sft_source=teacher needs algo.teacher: a stronger model's id or directory")
         if self.task.name != "arithmetic" and not self.eval.datasets:
             raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")
+        if self.learner.data_parallel == "fsdp" and self.algo.beta > 0:
+            raise ValueError("learner.data_parallel=fsdp has no KL reference model: use ddp, or algo.beta=0")
         return self
 
     @model_validator(mode="after")

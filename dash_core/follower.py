@@ -6,8 +6,6 @@ from __future__ import annotations
 import logging
 import os
 
-import torch.distributed as dist
-
 from dash_core.config import DashConfig
 from dash_core.learner import Learner, NonFiniteLossError
 from dash_core.models import load_policy
@@ -31,12 +29,11 @@ def follow(team: Team) -> None:
     config = DashConfig.model_validate(fields)
     policy, tokenizer = load_policy(config.model, config.seed)
     learner = Learner(policy, config.learner, config.algo, tokenizer.pad_token_id, team=team)
-    while True:
-        command, args = team.hear()
-        if command == "stop":
-            dist.destroy_process_group()
-            return
+    while (message := team.hear())[0] != "stop":
+        command, args = message
         try:
             getattr(learner, command)(*args)
         except NonFiniteLossError:  # every process sees the same loss: the leader reports it and ends the run
             log.debug("rank %d: the step was not taken", team.rank)
+    del learner, policy
+    team.disband()

@@ -11,10 +11,10 @@ import copy
 import logging
 import math
 import time
-from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
@@ -22,7 +22,7 @@ from dash_core.config import AlgoConfig, LearnerConfig
 from dash_core.memory import PeakMemory, available_bytes
 from dash_core.rules import RULES, normalise, objective
 from dash_core.store import BatchManifest, RunStore
-from dash_core.team import Team
+from dash_core.team import Team, summing_gradients
 
 log = logging.getLogger(__name__)
 LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]  # what a learner reads of a batch
@@ -189,22 +189,31 @@ class Learner:
         reference: PreTrainedModel | None = None,
         team: Team | None = None,
     ):
-        self.policy = policy
+        """In a team, the weights are the leader's. With `data_parallel: fsdp` the learner trains a sharded copy
+        of `policy`; the leader's `policy` stays whole for sampling and checkpoints (see `export_weights`)."""
         self.team = team
+        self.sharded = bool(team) and cfg.data_parallel == "fsdp"
+        weights = policy.state_dict() if team and team.leads else {}
+        if self.sharded and team.leads:
+            policy = copy.deepcopy(policy)
+        self.policy = policy
         self.cfg = cfg
         self.algo = algo
         self.rule = RULES[algo.rule]
         self.pad_id = pad_id
         self.reference = reference
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         if cfg.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mixed = cfg.precision == "bf16-mixed"  # float32 weights and Adam state, bfloat16 matmuls
         self.partial = False  # some, not all, of a batch's optimizer steps are in the weights: no state to save
         self.token_budget = None if cfg.tokens_per_micro_batch == "auto" else cfg.tokens_per_micro_batch
         self.logprobs: torch.nn.Module = CompletionLogProbs(policy, pad_id)  # what the learner differentiates
-        if team:
+        if self.sharded:
+            team.shard(self.logprobs, [m for m in policy.modules() if type(m).__name__ in policy._no_split_modules])
+            team.load_full(policy, weights)
+        elif team:
             self.logprobs = team.data_parallel(self.logprobs, policy.device)
+        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # the shards, if sharded
 
     def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
         """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics.
@@ -236,12 +245,30 @@ class Learner:
             log.info("learner micro-batches: %d tokens (found for the memory left)", self.token_budget)
         return by_length(rows, self.token_budget)
 
-    def share_weights(self) -> None:
-        """After the leader's policy changed outside a learning step (warm-up, a cached warm-up): the followers'
-        policies take its weights."""
+    def share_weights(self, source: PreTrainedModel | None = None) -> None:
+        """After the leader's policy (`source`) changed outside learning (warm-up, a cached warm-up): every
+        learner process takes its weights."""
         self._tell("share_weights")
-        if self.team:
+        if self.sharded:
+            self.team.load_full(self.policy, source.state_dict() if self.team.leads else {})
+        elif self.team:
             self.team.align(self.policy)
+
+    def export_weights(self, into: PreTrainedModel | None = None) -> None:
+        """The leader's whole policy (`into`: what samplers and checkpoints read) takes the learned weights. Only
+        sharded weights need it: they are gathered from every process."""
+        if self.sharded:
+            self._tell("export_weights")
+            weights = self.team.gather(self.policy)
+            if into is not None:
+                into.load_state_dict(weights)
+
+    def optimizer_state(self) -> dict:
+        """Adam's state for a checkpoint (gathered whole from every process if sharded)."""
+        if not self.sharded:
+            return self.optimizer.state_dict()
+        self._tell("optimizer_state")
+        return get_optimizer_state_dict(self.policy, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def use_reference(self, reference: PreTrainedModel | None = None) -> None:
         """The frozen KL reference (the leader's; followers copy its weights into a model of the policy's shape)."""
@@ -263,7 +290,10 @@ class Learner:
         """Adam's moments from a checkpoint; the learning rate and weight decay stay the config's, so a resumed run
         can change them (a checkpoint's param groups would silently override them)."""
         self._tell("load_optimizer_state", state)
-        self.optimizer.load_state_dict(state)
+        if self.sharded:
+            set_optimizer_state_dict(self.policy, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
+        else:
+            self.optimizer.load_state_dict(state)
         for group in self.optimizer.param_groups:
             group["lr"], group["weight_decay"] = self.cfg.lr, self.cfg.weight_decay
 
@@ -282,7 +312,7 @@ class Learner:
         idle = bool(self.team and not chunks)
         chunks = [stand_in] if idle else chunks
         for i, chunk in enumerate(chunks):
-            with self._accumulating(last=i == len(chunks) - 1):
+            with summing_gradients(self.logprobs, now=i == len(chunks) - 1):
                 start = time.perf_counter()
                 loss, kl, clipped, logp, mask, tensors = self._forward(chunk)
                 _synchronize(logp.device)
@@ -321,10 +351,6 @@ class Learner:
         stats.grad_norm = grad_norm
         return stats
 
-    def _accumulating(self, last: bool) -> AbstractContextManager:
-        """In a team, gradients are summed across processes only in the backward pass of the last chunk."""
-        return self.logprobs.no_sync() if self.team and not last else nullcontext()
-
     def _forward(self, chunk: dict[str, list]) -> tuple[torch.Tensor, ...]:
         """A chunk's objective (summed loss, KL, clipped count) and what the step's metrics need of it."""
         with self._forward_precision():
@@ -346,7 +372,7 @@ class Learner:
         gradients = sum(p.numel() * p.element_size() for p in self.policy.parameters() if p.requires_grad)
         moments = 0 if self.optimizer.state else 2 * gradients  # allocated by the first optimizer step
         self.policy.train()
-        with PeakMemory(self.policy.device) as memory, self._accumulating(last=False):
+        with PeakMemory(self.policy.device) as memory, summing_gradients(self.logprobs, now=False):
             self._forward(probe)[0].backward()
         self.optimizer.zero_grad(set_to_none=True)
         per_token = max(memory.peak - gradients, 1) / (len(probe["prompt_ids"]) * longest)

@@ -179,7 +179,7 @@ class TrainingRun:
                 run.restore(checkpoint.iteration, checkpoint.trainer_state)
             elif config.warmup.steps and run.warmup.cached:
                 run.warmup.load_into(run.policy)
-                run.learner.share_weights()
+                run.learner.share_weights(run.policy)
                 run.warm = True
             run.replay()
         log.info("resumed run %s at iteration %d", run_id, run.iteration)
@@ -255,7 +255,7 @@ class TrainingRun:
     def warm_up(self) -> dict[str, float]:
         """Supervised warm-up (see `WarmUp`); the samplers then hold the warmed-up weights."""
         metrics = self.warmup.run()
-        self.learner.share_weights()
+        self.learner.share_weights(self.policy)
         self.sync()
         self.warm = True
         return metrics
@@ -339,6 +339,7 @@ class TrainingRun:
         self.samples_total += manifest.rows
 
     def sync(self) -> None:
+        self.learner.export_weights(self.policy)
         self.sampler.load_weights(self.policy)
 
     def evaluate(self, iteration: int) -> dict[str, float]:
@@ -366,11 +367,12 @@ class TrainingRun:
         if self.iteration == self.checkpointer.requested:
             return
         state = {
-            "optimizer": self.learner.optimizer.state_dict(),
+            "optimizer": self.learner.optimizer_state(),
             "samples_total": self.samples_total,
             "train_seconds": self.train_seconds,
             "empty_iterations": self.empty_iterations,
         }
+        self.learner.export_weights(self.policy)
         self.checkpointer.save(self.iteration, self.policy, state)
         self.checkpoint_clock = time.monotonic()
 

@@ -3,9 +3,11 @@
 
 The others (followers, `dash_core.follower`) only learn. The leader tells them each learner call that changes
 weights (`tell`); they make the same call, and every process learns from its share of the step's kept rows, read
-from the rollout store and balanced by tokens (`share`). DDP sums the gradients across processes before the one
-optimizer step, so every process takes the same step and holds the same weights: those one process would hold, up
-to the order of float additions.
+from the rollout store and balanced by tokens (`share`). The gradients are summed across processes before the one
+optimizer step, so every process takes the same step: DDP (the default) keeps the whole model in every process;
+FSDP2 (`learner.data_parallel: fsdp`) keeps 1/N of the weights, gradients and Adam's state in each, for a model
+whose training state does not fit one device. Either way the weights are those one process would hold, up to the
+order of float additions.
 
 `dashrl train --learners N` starts N-1 followers on this machine (`Followers`); torchrun starts the same code
 across machines, which finds its rank in the environment. CPU tensors go over gloo, CUDA tensors over NCCL; the
@@ -16,16 +18,21 @@ and evaluates.
 from __future__ import annotations
 
 import functools
+import gc
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
 from dash_core.serving import stop_process, unused_port
@@ -54,6 +61,14 @@ class Team:
         dist.broadcast_object_list(message, src=0, group=self.commands)
         return message[0], message[1]
 
+    def disband(self) -> None:
+        """Every process, at the end, once its learner is gone: after the last message is through, the groups
+        close, and what holds them is freed now; freed at interpreter exit, a group's threads can abort it."""
+        dist.barrier(group=self.commands)
+        dist.destroy_process_group()
+        team.cache_clear()
+        gc.collect()
+
     def align(self, module: torch.nn.Module) -> None:
         """Every process takes the leader's weights and buffers."""
         for tensor in module.state_dict().values():
@@ -80,8 +95,35 @@ class Team:
         return added.tolist(), top.tolist()
 
     def data_parallel(self, module: torch.nn.Module, device: torch.device) -> DistributedDataParallel:
-        """`module` with its gradients averaged over the processes in the backward pass (weights: the leader's)."""
+        """DDP: `module` whole in every process, its gradients averaged over the processes in the backward pass
+        (weights: the leader's)."""
         return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None, forward_sync_buffers=False)
+
+    def shard(self, module: torch.nn.Module, units: list[torch.nn.Module]) -> None:
+        """FSDP2: each of `units` (decoder layers), then the rest of `module`, split across the processes, each
+        holding 1/N of the weights, gradients and optimizer state, gathering a unit's weights only while it
+        computes; gradients averaged as with DDP."""
+        for unit in units:
+            fully_shard(unit)
+        fully_shard(module)
+
+    def load_full(self, module: torch.nn.Module, weights: dict[str, torch.Tensor]) -> None:
+        """A sharded `module` takes the leader's full `weights` (followers pass {})."""
+        set_model_state_dict(module, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+
+    def gather(self, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """A sharded `module`'s full weights, on the leader's CPU ({} elsewhere)."""
+        return get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+@contextmanager
+def summing_gradients(module: torch.nn.Module, now: bool) -> Iterator[None]:
+    """Gradients are summed across processes in a backward pass only `now` (a step's last micro-batch): the
+    others accumulate locally."""
+    if isinstance(module, FSDPModule):
+        module.set_requires_gradient_sync(now)
+    with module.no_sync() if isinstance(module, DistributedDataParallel) and not now else nullcontext():
+        yield
 
 
 @functools.cache
@@ -147,4 +189,4 @@ def dismiss() -> None:
     """The leader, at the end: the followers stop."""
     if dist.is_initialized() and dist.get_rank() == 0 and (member := team()):
         member.tell("stop")
-        dist.destroy_process_group()
+        member.disband()

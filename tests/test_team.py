@@ -9,9 +9,12 @@ import psutil
 import pytest
 import torch
 import torch.multiprocessing as mp
+import yaml
 from helpers import DASHRL, TINY, make_batch, start_dashrl, wait_logged
 from mlflow.tracking import MlflowClient
+from safetensors.torch import load_file
 
+from dash_core.checkpoint import load_latest
 from dash_core.config import DashConfig
 from dash_core.follower import follow, start
 from dash_core.learner import Learner
@@ -25,6 +28,8 @@ CASES = {
     "token-budget": ({"tokens_per_micro_batch": 30}, "pg", 7),
     "two-minibatches": ({"micro_batch_size": 3}, "ppo_mini", 7),
     "a-process-without-rows": ({"micro_batch_size": 2}, "pg", 1),
+    "fsdp": ({"micro_batch_size": 2, "data_parallel": "fsdp"}, "pg", 7),
+    "fsdp-two-minibatches": ({"tokens_per_micro_batch": 30, "data_parallel": "fsdp"}, "ppo_mini", 7),
 }
 
 
@@ -45,6 +50,7 @@ def learn(config: DashConfig, store: RunStore, member: Team | None) -> tuple[dic
     policy, tokenizer = load_policy(config.model, config.seed)
     learner = Learner(policy, config.learner, config.algo, tokenizer.pad_token_id, team=member)
     metrics = learner.learn(store, store.manifest(1))
+    learner.export_weights(policy)  # sharded weights are gathered into the leader's whole policy
     return {k: v.clone() for k, v in policy.state_dict().items()}, metrics
 
 
@@ -100,3 +106,32 @@ def test_learners_2_train_the_embedded_default_and_resume_after_losing_a_learner
     steps = [m.step for m in mlflow.get_metric_history(run_id, "reward/mean")]
     assert sorted(steps) == list(range(1, 201))  # every iteration once: none lost, none twice
     assert mlflow.get_metric_history(run_id, "eval/arithmetic/accuracy")[-1].value >= 0.8
+
+
+def test_sharded_learners_resume_to_the_weights_of_an_uninterrupted_run(tmp_path):
+    config = {
+        "iterations": 4, "task": {"digits": 1, "heldout_fraction": 0.2}, "sampler": {"prompts_per_iteration": 4, "group_size": 4},
+        "learner": {"micro_batch_size": 6, "data_parallel": "fsdp"}, "warmup": {"steps": 150, "batch_size": 16, "target_accuracy": None},
+        "eval": {"every": 100, "size": 8}, "store": {"url": str(tmp_path / "store")},
+        "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "fsdp"},
+    }  # fmt: skip
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+
+    def train(*args: str) -> None:
+        trainer = start_dashrl(["train", "--config", str(tmp_path / "run.yaml"), "--learners", "2", *args], tmp_path)
+        _, err = trainer.communicate(timeout=600)
+        assert trainer.returncode == 0, err[-3000:]
+
+    def weights(run_id: str) -> dict[str, torch.Tensor]:
+        checkpoint = load_latest(RunStore(str(tmp_path / "store"), run_id), tmp_path / run_id)
+        assert checkpoint.iteration == 4
+        return load_file(checkpoint.model_dir / "model.safetensors")
+
+    train()
+    train("--set", "iterations=2")
+    mlflow = MlflowClient(config["tracking"]["uri"])
+    straight, interrupted = (run.info.run_id for run in mlflow.search_runs(mlflow.get_experiment_by_name("fsdp").experiment_id, order_by=["start_time"]))
+    train("--resume", interrupted)
+    assert [m.step for m in mlflow.get_metric_history(interrupted, "reward/mean")] == [1, 2, 3, 4]
+    for name, tensor in weights(straight).items():
+        torch.testing.assert_close(weights(interrupted)[name], tensor, rtol=0, atol=0, msg=name)
