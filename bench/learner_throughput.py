@@ -72,12 +72,14 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
 
     import dash_core.learner as learner_module
     from dash_core.config import AlgoConfig, LearnerConfig
-    from dash_core.learner import Learner, by_length
+    from dash_core.learner import Learner
     from dash_core.memory import PeakMemory
+    from dash_core.team import local_device, team
 
+    member = team()  # one of `learners` processes, each learning its share of the batch
     torch.set_num_threads(config["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    policy = build_policy(config["model"], config["dtype"], device)
+    policy = build_policy(config["model"], config["dtype"], str(local_device(torch.device(device))))
     if config["checkpointing"]:
         policy.gradient_checkpointing_enable()
     if config["logprobs"] == "full":
@@ -90,14 +92,13 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     batch = {"prompt_ids": prompts, "completion_ids": completions, "advantage": [1.0 - 2 * (i % 2) for i in range(rows)],
              "sampler_logprobs": [[-1.0] * config["completion"]] * rows}  # fmt: skip
     size, tokens = config["micro_batch"], config.get("tokens")
-    learner_cfg = LearnerConfig(lr=1e-6, micro_batch_size=size, tokens_per_micro_batch=tokens, precision=config.get("precision"))
-    learner = Learner(policy, learner_cfg, AlgoConfig(), pad_id=0)
-    if tokens:  # micro-batches as the learner groups a batch by its token budget
+    learner_cfg = LearnerConfig(lr=1e-6, micro_batch_size=size, tokens_per_micro_batch=tokens, precision=config.get("precision"),
+                                data_parallel=config.get("data_parallel", "ddp"))  # fmt: skip
+    learner = Learner(policy, learner_cfg, AlgoConfig(), pad_id=0, team=member)
+    batch = member.share(batch) if member else batch
+    if tokens:
         learner.step([batch])  # allocator and optimizer state settle before the probe sizes an automatic budget
-        learner.token_budget = learner.token_budget or learner.fit_token_budget(batch)
-        chunks = by_length(batch, learner.token_budget)
-    else:
-        chunks = [{k: v[i : i + size] for k, v in batch.items()} for i in range(0, rows, size)]
+    chunks = learner.micro_batches(batch)  # as the learner makes them: by token budget (grouped by length) or rows
     learner.step(chunks)  # allocator and optimizer state settle
     with PeakMemory(device) as memory:
         start = time.perf_counter()
@@ -107,7 +108,23 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     tokens = rows * (config["prompt"] + config["completion"])
     return {"config": config | {"tokens": learner.token_budget}, "tokens_per_s": tokens / seconds, "step_s": seconds,
             "peak_mem_gib": memory.peak / 2**30,
-            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{config['threads']}"}  # fmt: skip
+            "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{config['threads']}",
+            "learners": member.size if member else 1}  # fmt: skip
+
+
+def run_learners(config: dict[str, Any]) -> subprocess.CompletedProcess:
+    """The configuration's learner processes (as `dashrl train --learners N` starts them); rank 0 reports."""
+    from dash_core.serving import unused_port
+
+    n = config["learners"]
+    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(unused_port()), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
+    command = [sys.executable, __file__, "--worker", json.dumps(config)]
+    others = [subprocess.Popen(command, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL)
+              for r in range(1, n)]  # fmt: skip
+    done = subprocess.run(command, env=env | {"RANK": "0", "LOCAL_RANK": "0"} if n > 1 else os.environ, capture_output=True, text=True)
+    for process in others:
+        process.wait()
+    return done
 
 
 def main() -> None:
@@ -121,6 +138,8 @@ def main() -> None:
     parser.add_argument("--micro-batch", default="8", help="comma-separated sequences per forward+backward")
     parser.add_argument("--tokens", default="rows", help="comma-separated token budgets per micro-batch, 'auto' (sized "
                         "for the memory left), or 'rows' (micro-batches of --micro-batch sequences)")
+    parser.add_argument("--learners", default="1", help="comma-separated learner processes sharing the batch (one GPU each)")
+    parser.add_argument("--data-parallel", default="ddp", help="comma-separated, for several learners: ddp, fsdp")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=128)
     parser.add_argument("--completion", type=int, default=256)
@@ -130,18 +149,27 @@ def main() -> None:
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        print(json.dumps(measure(json.loads(args.worker))))
+        from dash_core.team import team
+
+        result = measure(json.loads(args.worker))
+        if member := team():
+            member.disband()
+        if not member or member.leads:
+            print(json.dumps(result))
         return
     grid = itertools.product(args.model.split(","), args.logprobs.split(","), args.dtype.split(","), args.precision.split(","),
                              args.checkpointing.split(","), map(int, args.micro_batch.split(",")),
-                             [None if t == "rows" else t if t == "auto" else int(t) for t in args.tokens.split(",")])  # fmt: skip
+                             [None if t == "rows" else t if t == "auto" else int(t) for t in args.tokens.split(",")],
+                             map(int, args.learners.split(",")), args.data_parallel.split(","))  # fmt: skip
     rows = []
-    for model, logprobs, dtype, precision, checkpointing, micro_batch, tokens in grid:
+    for model, logprobs, dtype, precision, checkpointing, micro_batch, tokens, learners, parallel in grid:
+        if learners == 1 and parallel != args.data_parallel.split(",")[0]:
+            continue  # one learner has nothing to split
         config = {"model": model, "logprobs": logprobs, "dtype": dtype, "checkpointing": checkpointing == "on",
                   "precision": None if precision == "model" else precision,
                   "micro_batch": micro_batch, "tokens": tokens, "rows": args.rows, "prompt": args.prompt, "completion": args.completion,
-                  "steps": args.steps, "threads": args.threads}  # fmt: skip
-        done = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True, text=True)
+                  "steps": args.steps, "threads": max(1, args.threads // learners), "learners": learners, "data_parallel": parallel}  # fmt: skip
+        done = run_learners(config)
         if done.returncode:
             result = {"config": config, "error": done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}"}
         else:
@@ -150,12 +178,13 @@ def main() -> None:
         if args.json:
             print(json.dumps(result), flush=True)
     if not args.json:
-        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'mixed':5} {'ckpt':4} {'micro-batch':>13} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8}")
+        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'mixed':5} {'ckpt':4} {'micro-batch':>13} {'learners':>8} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8}")
         for r in rows:
             c = r["config"]
             micro = f"{c['tokens']} tok" if c.get("tokens") else f"{c['micro_batch']} rows"
             mixed = "bf16" if c.get("precision") == "bf16-mixed" else "-"
-            head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {mixed:5} {'on' if c['checkpointing'] else 'off':4} {micro:>13}"
+            learners = f"{c['learners']} {c['data_parallel']}" if c["learners"] > 1 else "1"
+            head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {mixed:5} {'on' if c['checkpointing'] else 'off':4} {micro:>13} {learners:>8}"
             print(head + (f" {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_mem_gib']:8.2f}" if "error" not in r else f"  {r['error']}"))
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict, set_optimizer_state_dict
+from torch.distributed.tensor import DTensor
 from torch.utils.checkpoint import checkpoint
 from transformers import PreTrainedModel
 
@@ -366,16 +367,20 @@ class Learner:
     def fit_token_budget(self, rows: dict[str, list]) -> int:
         """The largest token budget whose micro-batch fits the device with a margin: one probe micro-batch of the
         longest of `rows` (forward and backward, no step) gives the peak memory per padded token, scaled to the
-        memory left once the gradients and Adam's moments have their place."""
+        memory left once the gradients and Adam's moments have their place. A peak too small to see counts as
+        the least a token can hold: its hidden state at each layer."""
         probe = by_length(rows, PROBE_TOKENS)[-1]
         longest = max(len(p) + len(c) for p, c in zip(probe["prompt_ids"], probe["completion_ids"]))
-        gradients = sum(p.numel() * p.element_size() for p in self.policy.parameters() if p.requires_grad)
+        shards = [p.to_local() if isinstance(p, DTensor) else p for p in self.policy.parameters() if p.requires_grad]
+        gradients = sum(p.numel() * p.element_size() for p in shards)
         moments = 0 if self.optimizer.state else 2 * gradients  # allocated by the first optimizer step
         self.policy.train()
         with PeakMemory(self.policy.device) as memory, summing_gradients(self.logprobs, now=False):
             self._forward(probe)[0].backward()
         self.optimizer.zero_grad(set_to_none=True)
-        per_token = max(memory.peak - gradients, 1) / (len(probe["prompt_ids"]) * longest)
+        config = self.policy.config
+        least = config.hidden_size * config.num_hidden_layers * shards[0].element_size()
+        per_token = max((memory.peak - gradients) / (len(probe["prompt_ids"]) * longest), least)
         room = available_bytes(self.policy.device) * AUTO_MEMORY_FRACTION - gradients - moments
         return max(int(room / per_token), longest)
 
