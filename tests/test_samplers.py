@@ -2,9 +2,11 @@
 an in-process backend answers to the calls only inference servers serve."""
 
 import pytest
+from helpers import TINY
 
 from dash_core.config import DashConfig, ModelConfig, SamplerConfig
 from dash_core.evaluation import eval_sampling
+from dash_core.models import load_policy
 from dash_core.samplers import SamplingParams, TransformersSampler, policy_sampler
 
 
@@ -35,3 +37,17 @@ def test_an_in_process_backend_has_no_servers_to_add_list_or_drop(tmp_path):
     assert sampler.servers is None and not sampler.events
     with pytest.raises(TypeError, match="sampler.backend=remote"):
         sampler.add_servers(["http://127.0.0.1:8000"])
+
+
+def test_the_fixed_shape_decode_loop_of_gpus_samples_what_the_pruning_one_does():
+    """The GPU path (static KV cache, a prefill per completion, finished rows kept, full-length mask), run here
+    without compilation: greedy completions and their log-probabilities equal the default loop's."""
+    policy, tokenizer = load_policy(TINY, 0)
+    prompts = [tokenizer(f"{i}+{3 * i}=")["input_ids"] for i in range(5)] + [tokenizer("123+4=")["input_ids"]]
+    greedy = SamplingParams(n=3, temperature=0, max_new_tokens=12)
+    pruning = TransformersSampler(policy, tokenizer).generate(prompts, greedy)
+    fixed = TransformersSampler(policy, tokenizer, static=True).generate(prompts, greedy)
+    assert [g.token_ids for g in fixed] == [g.token_ids for g in pruning]
+    assert [g.finish_reason for g in fixed] == [g.finish_reason for g in pruning]
+    for a, b in zip(fixed, pruning):
+        assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)

@@ -7,12 +7,17 @@ exploit, and per-step overhead is most of the cost for small models:
   cache is not copied every step), and the longest few do not carry the rest;
 - only the sampled token's log-probability is kept (logit - logsumexp of the raw logits), never a step's
   full-vocabulary distribution, and the prefill computes logits at the last prompt position only.
+
+On a GPU the per-step cost is the host launching kernels, so there the loop keeps every tensor's shape fixed
+instead: transformers' static KV cache (each prompt prefilled per completion), finished rows kept in the batch, the
+attention mask allocated at full length, and the decode step compiled with CUDA graphs (`reduce-overhead`); the
+first call of a batch shape pays the compilation.
 """
 
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 
 from dash_core.samplers.base import Generation, Sampler, SamplingParams
 
@@ -20,10 +25,14 @@ from dash_core.samplers.base import Generation, Sampler, SamplingParams
 class TransformersSampler(Sampler):
     """Samples from the policy object itself, so weights are current after every optimizer step at no cost."""
 
-    def __init__(self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int | None = None):
+    def __init__(
+        self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, batch_size: int | None = None, static: bool | None = None
+    ):
         self.policy = policy
         self.tokenizer = tokenizer
         self.batch_size = batch_size  # sequences per decode loop (whole groups); None: the whole batch at once
+        self.static = static  # fixed shapes and a static KV cache; None: on a GPU (compiled there)
+        self._compiled = None
 
     def load_weights(self, policy: PreTrainedModel) -> None:
         self.policy = policy
@@ -41,19 +50,25 @@ class TransformersSampler(Sampler):
     def _decode(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
         """`params.n` completions of each prompt, prompt-major, from one prefill and one decode loop."""
         device, n, steps = self.policy.device, params.n, params.max_new_tokens
+        static = device.type == "cuda" if self.static is None else self.static
         pad = self.tokenizer.pad_token_id
+        if static:  # each completion gets its own prefilled copy of its prompt: the cache never changes shape
+            prompts, n = [p for p in prompts for _ in range(n)], 1
         width = max(map(len, prompts))
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: every prompt starts at position 0
-        cache = DynamicCache(config=self.policy.config)
+        cache = StaticCache(config=self.policy.config, max_cache_len=width + steps) if static else DynamicCache(config=self.policy.config)
         out = self.policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                           use_cache=True, logits_to_keep=1)  # fmt: skip
         logits = out.logits[:, -1].float().repeat_interleave(n, 0)
         if n > 1:
             cache.batch_repeat_interleave(n)
             mask = mask.repeat_interleave(n, 0)
+        if static:
+            mask = torch.cat([mask, mask.new_zeros(len(mask), steps)], dim=1)
         position = positions[:, -1].repeat_interleave(n, 0)
+        forward = self._decode_step(device) if static else self.policy
         rows = len(logits)
         tokens = torch.full((rows, steps), pad, device=device)
         logprobs = torch.zeros(rows, steps, device=device)
@@ -76,20 +91,31 @@ class TransformersSampler(Sampler):
                 remaining -= finished
             if step == steps - 1 or not remaining:
                 break
-            if 4 * (len(live) - remaining) >= len(live):  # a quarter of the batch has finished: it leaves the batch
+            if static:
+                mask[:, width + step] = 1
+            elif 4 * (len(live) - remaining) >= len(live):  # a quarter of the batch has finished: it leaves the batch
                 keep = live.nonzero().squeeze(-1)
                 cache.batch_select_indices(keep)
                 active, live, token, mask, position = active[keep], live[keep], token[keep], mask[keep], position[keep]
-            mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
+            if not static:
+                mask = torch.cat([mask, mask.new_ones(len(mask), 1)], dim=1)
             position = position + 1
-            out = self.policy(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
-                              past_key_values=cache, use_cache=True)  # fmt: skip
+            out = forward(input_ids=token[:, None], attention_mask=mask, position_ids=position[:, None],
+                          past_key_values=cache, use_cache=True)  # fmt: skip
             logits = out.logits[:, -1].float()
         generations = []
         for row, row_logprobs, length, stop in zip(tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()):
             text = self.tokenizer.decode(row[:length], skip_special_tokens=True)
             generations.append(Generation(row[:length], row_logprobs[:length], text, "stop" if stop else "length"))
         return generations
+
+    def _decode_step(self, device: torch.device):
+        """The policy's forward for one decode step: compiled with CUDA graphs on a GPU (once per sampler)."""
+        if device.type != "cuda":
+            return self.policy
+        if self._compiled is None or self._compiled[0] is not self.policy:
+            self._compiled = (self.policy, torch.compile(self.policy.forward, mode="reduce-overhead", fullgraph=True))
+        return self._compiled[1]
 
     def _end_of_sequence_ids(self, device: torch.device) -> torch.Tensor:
         """The tokenizer's EOS and the model's own end tokens (chat models end a turn with e.g. <|im_end|>)."""
