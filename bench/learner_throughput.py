@@ -29,7 +29,7 @@ MODELS = {
 }  # fmt: skip
 
 
-def full_logits_logprobs(policy, prompt_ids, completion_ids, pad_id, chunk_tokens=None):
+def full_logits_logprobs(policy, prompt_ids, completion_ids, pad_id, chunk_tokens=None, packed=False):
     """The learner's log-probs before the lean computation: every position's logits, copied, then log-softmax."""
     import torch
 

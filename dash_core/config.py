@@ -175,6 +175,11 @@ class LearnerConfig(Section):
         "bf16-mixed: float32 weights and optimizer state, bfloat16 arithmetic (autocast); None: the model's dtype",
     )
     activation_checkpointing: bool = Field(False, description="recompute layer activations in the backward pass: less memory, more compute")
+    packing: bool | None = Field(
+        None,
+        description="sequences of a micro-batch end to end in one row, no padding (position ids restart per sequence); "
+        "None: when the attention is variable-length (flash-attention), which skips the masked part; other kernels compute it",
+    )
     data_parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="with several learner processes (dashrl train --learners N, torchrun): ddp keeps the whole model, "

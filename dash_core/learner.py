@@ -8,6 +8,7 @@ the sampler's values shows whether the samples really were on-policy.
 from __future__ import annotations
 
 import copy
+import itertools
 import logging
 import math
 import time
@@ -101,26 +102,36 @@ def completion_logprobs(
     completion_ids: list[list[int]],
     pad_id: int,
     chunk_tokens: int = LOGPROB_CHUNK_TOKENS,
+    packed: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probabilities of each completion token under `policy`, as (rows, longest completion), and their mask.
 
     The vocabulary is the memory hog (151k logits per token for Qwen), so the LM head runs only on the positions
     that predict completion tokens, `chunk_tokens` at a time, each chunk recomputed in the backward pass instead of
     kept: log p = logit[target] - logsumexp(logits) never holds more than one chunk's logits. Sequences are
-    right-padded, so positions count from 0 at the first prompt token, as the samplers count them.
+    right-padded, or with `packed` laid end to end in one row with no padding at all (position ids restart at each
+    sequence; attention stays within it: variable-length kernels such as flash-attention's skip the rest, others
+    mask it); positions count from 0 at the first prompt token, as the samplers count them.
     """
     device = policy.device
     rows = [p + c for p, c in zip(prompt_ids, completion_ids, strict=True)]
-    width = max(map(len, rows))
-    input_ids = torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device)
-    attention = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
     lengths = torch.tensor([len(c) for c in completion_ids], device=device)
     mask = torch.arange(int(lengths.max()), device=device)[None, :] < lengths[:, None]
     row, offset = mask.nonzero(as_tuple=True)
     position = torch.tensor([len(p) - 1 for p in prompt_ids], device=device)[row] + offset  # state at t predicts t + 1
-    targets = input_ids[row, position + 1]
+    if packed:
+        starts = torch.tensor([0, *itertools.accumulate(map(len, rows))][:-1], device=device)
+        inputs = {"input_ids": torch.tensor([sum(rows, [])], device=device),
+                  "position_ids": torch.tensor([[i for r in rows for i in range(len(r))]], device=device)}  # fmt: skip
+        at = (torch.zeros_like(row), starts[row] + position)
+    else:
+        width = max(map(len, rows))
+        inputs = {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows], device=device),
+                  "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)}  # fmt: skip
+        at = (row, position)
+    targets = inputs["input_ids"][at[0], at[1] + 1]
     if _head_is_plain(policy):
-        hidden = policy.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state[row, position]
+        hidden = policy.base_model(**inputs, use_cache=False).last_hidden_state[at]
         head = policy.get_output_embeddings()
         recompute = torch.is_grad_enabled()
         pieces = [
@@ -131,7 +142,7 @@ def completion_logprobs(
         ]
         logp = torch.cat(pieces) if pieces else hidden.new_zeros(0, dtype=torch.float32)
     else:  # heads that rescale or cap their logits: the model's own full forward
-        logits = policy(input_ids=input_ids, attention_mask=attention).logits[row, position].float()
+        logits = policy(**inputs, use_cache=False).logits[at].float()
         logp = logits.gather(-1, targets[:, None]).squeeze(-1) - logits.logsumexp(-1)
     table = torch.zeros(mask.shape, device=device, dtype=logp.dtype).index_put((row, offset), logp)
     return table, mask.float()
@@ -146,12 +157,12 @@ class CompletionLogProbs(torch.nn.Module):
     """`completion_logprobs` of a policy as a module: what DDP wraps, so that the gradients of everything it
     computes are averaged across the processes of a team."""
 
-    def __init__(self, policy: PreTrainedModel, pad_id: int):
+    def __init__(self, policy: PreTrainedModel, pad_id: int, packed: bool):
         super().__init__()
-        self.policy, self.pad_id = policy, pad_id
+        self.policy, self.pad_id, self.packed = policy, pad_id, packed
 
     def forward(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
-        return completion_logprobs(self.policy, prompt_ids, completion_ids, self.pad_id)
+        return completion_logprobs(self.policy, prompt_ids, completion_ids, self.pad_id, packed=self.packed)
 
 
 def _head_is_plain(policy: PreTrainedModel) -> bool:
@@ -162,14 +173,15 @@ def _head_is_plain(policy: PreTrainedModel) -> bool:
     )
 
 
-def by_length(rows: dict[str, list], budget: int) -> list[dict[str, list]]:
-    """Micro-batches of at most `budget` padded tokens (rows x longest row), rows sorted by length so that each
-    pads little; a row longer than the budget is a micro-batch of its own. The step's gradient is the same in any
-    grouping: it is a sum over tokens, normalised once."""
+def by_length(rows: dict[str, list], budget: int, packed: bool = False) -> list[dict[str, list]]:
+    """Micro-batches of at most `budget` tokens as computed (padded: rows x longest row; packed: their sum), rows
+    sorted by length so that each pads little; a row longer than the budget is a micro-batch of its own. The
+    step's gradient is the same in any grouping: it is a sum over tokens, normalised once."""
     lengths = [len(p) + len(c) for p, c in zip(rows["prompt_ids"], rows["completion_ids"], strict=True)]
     chunks, current = [], []
     for i in sorted(range(len(lengths)), key=lengths.__getitem__):
-        if current and (len(current) + 1) * lengths[i] > budget:
+        cost = sum(lengths[j] for j in current) + lengths[i] if packed else (len(current) + 1) * lengths[i]
+        if current and cost > budget:
             chunks.append(current)
             current = []
         current.append(i)
@@ -208,7 +220,9 @@ class Learner:
         self.mixed = cfg.precision == "bf16-mixed"  # float32 weights and Adam state, bfloat16 matmuls
         self.partial = False  # some, not all, of a batch's optimizer steps are in the weights: no state to save
         self.token_budget = None if cfg.tokens_per_micro_batch == "auto" else cfg.tokens_per_micro_batch
-        self.logprobs: torch.nn.Module = CompletionLogProbs(policy, pad_id)  # what the learner differentiates
+        attention = getattr(policy.config, "_attn_implementation", None) or ""
+        self.packed = cfg.packing if cfg.packing is not None else attention.startswith("flash_attention")
+        self.logprobs: torch.nn.Module = CompletionLogProbs(policy, pad_id, self.packed)  # what the learner differentiates
         if self.sharded:
             team.shard(self.logprobs, [m for m in policy.modules() if type(m).__name__ in policy._no_split_modules])
             team.load_full(policy, weights)
@@ -244,7 +258,7 @@ class Learner:
         if self.token_budget is None:
             self.token_budget = self.fit_token_budget(rows)
             log.info("learner micro-batches: %d tokens (found for the memory left)", self.token_budget)
-        return by_length(rows, self.token_budget)
+        return by_length(rows, self.token_budget, self.packed)
 
     def share_weights(self, source: PreTrainedModel | None = None) -> None:
         """After the leader's policy (`source`) changed outside learning (warm-up, a cached warm-up): every
@@ -334,7 +348,7 @@ class Learner:
             stats.sequences += len(lengths)
             stats.tokens += int(mask.sum().item())
             stats.row_tokens += sum(lengths)
-            stats.padded_tokens += len(lengths) * max(lengths)
+            stats.padded_tokens += sum(lengths) if self.packed else len(lengths) * max(lengths)
         if self.team:
             gap_sum = stats.combine_team(self.team, gap_sum)
         if stats.sequences == 0:
@@ -369,8 +383,9 @@ class Learner:
         longest of `rows` (forward and backward, no step) gives the peak memory per padded token, scaled to the
         memory left once the gradients and Adam's moments have their place. A peak too small to see counts as
         the least a token can hold: its hidden state at each layer."""
-        probe = by_length(rows, PROBE_TOKENS)[-1]
-        longest = max(len(p) + len(c) for p, c in zip(probe["prompt_ids"], probe["completion_ids"]))
+        probe = by_length(rows, PROBE_TOKENS, self.packed)[-1]
+        lengths = [len(p) + len(c) for p, c in zip(probe["prompt_ids"], probe["completion_ids"])]
+        computed = sum(lengths) if self.packed else len(lengths) * max(lengths)
         shards = [p.to_local() if isinstance(p, DTensor) else p for p in self.policy.parameters() if p.requires_grad]
         gradients = sum(p.numel() * p.element_size() for p in shards)
         moments = 0 if self.optimizer.state else 2 * gradients  # allocated by the first optimizer step
@@ -380,9 +395,9 @@ class Learner:
         self.optimizer.zero_grad(set_to_none=True)
         config = self.policy.config
         least = config.hidden_size * config.num_hidden_layers * shards[0].element_size()
-        per_token = max((memory.peak - gradients) / (len(probe["prompt_ids"]) * longest), least)
+        per_token = max((memory.peak - gradients) / computed, least)
         room = available_bytes(self.policy.device) * AUTO_MEMORY_FRACTION - gradients - moments
-        return max(int(room / per_token), longest)
+        return max(int(room / per_token), max(lengths))
 
     def _tensors(self, chunk: dict[str, list], shape: torch.Size) -> dict[str, torch.Tensor]:
         device = self.policy.device

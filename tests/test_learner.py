@@ -67,6 +67,22 @@ def test_lean_logprobs_and_their_gradients_equal_the_full_logits_computation(pol
         assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
 
 
+def test_packed_sequences_give_the_padded_log_probs_and_gradients(policy_and_tokenizer):
+    """No padding: the rows end to end in one sequence, attention kept within each by its position ids."""
+    policy, tokenizer = policy_and_tokenizer
+    batch = make_batch(tokenizer)
+    padded_policy, packed_policy = copy.deepcopy(policy), copy.deepcopy(policy)
+    args = (batch["prompt_ids"], batch["completion_ids"], tokenizer.pad_token_id)
+    padded, mask = completion_logprobs(padded_policy, *args)
+    packed, packed_mask = completion_logprobs(packed_policy, *args, packed=True)
+    assert torch.equal(mask, packed_mask) and torch.allclose(packed, padded, atol=1e-5)
+    weights = torch.randn(padded.shape, generator=torch.Generator().manual_seed(0)) * mask
+    (padded * weights).sum().backward()
+    (packed * weights).sum().backward()
+    for a, b in zip(padded_policy.parameters(), packed_policy.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6, rtol=1e-4)
+
+
 def test_chunked_accumulation_gives_the_full_batch_gradient(policy_and_tokenizer):
     policy, tokenizer = policy_and_tokenizer
     batch = make_batch(tokenizer)
@@ -174,6 +190,9 @@ def test_micro_batches_by_token_budget_stay_within_it_and_keep_every_row():
         lengths = [len(p) + len(c) for p, c in zip(chunk["prompt_ids"], chunk["completion_ids"])]
         assert len(lengths) * max(lengths) <= 20 or len(lengths) == 1  # a row over the budget goes alone
     assert sorted(map(len, (c for chunk in chunks for c in chunk["completion_ids"]))) == [1, 1, 1, 3, 5, 30]
+    for chunk in by_length(rows, 20, packed=True):  # packed: the budget counts the tokens themselves
+        lengths = [len(p) + len(c) for p, c in zip(chunk["prompt_ids"], chunk["completion_ids"])]
+        assert sum(lengths) <= 20 or len(lengths) == 1
 
 
 def test_a_token_budget_gives_the_same_step_with_less_padding(policy_and_tokenizer, tmp_path):
