@@ -206,8 +206,8 @@ class Learner:
         of `policy`; the leader's `policy` stays whole for sampling and checkpoints (see `export_weights`)."""
         self.team = team
         self.sharded = bool(team) and cfg.data_parallel == "fsdp"
-        weights = policy.state_dict() if team and team.leads else {}
-        if self.sharded and team.leads:
+        weights = policy.state_dict() if self.sharded and team.leads else {}
+        if weights:  # the leader's policy stays whole
             policy = copy.deepcopy(policy)
         self.policy = policy
         self.cfg = cfg
