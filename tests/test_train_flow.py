@@ -91,13 +91,13 @@ def test_a_failure_mid_update_never_checkpoints_a_half_step(prefect_api, small_c
     calls = []
     real_step = Learner.step
 
-    def step(learner, chunks):
+    def step(learner, chunks, stand_in=None):
         if learner.algo.rule != "ppo_multi":  # the warm-up's supervised steps
-            return real_step(learner, chunks)
+            return real_step(learner, chunks, stand_in)
         calls.append(1)
         if len(calls) == failing_step:
             raise NonFiniteLossError("injected non-finite loss")
-        return real_step(learner, chunks)
+        return real_step(learner, chunks, stand_in)
 
     monkeypatch.setattr(Learner, "step", step)
     with pytest.raises(NonFiniteLossError):
