@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 from dash_core.config import DashConfig
 from dash_core.learner import Learner, NonFiniteLossError
@@ -21,9 +22,11 @@ def start(team: Team, config: DashConfig) -> None:
 
 
 def follow(team: Team) -> None:
-    """The follower's whole life: build, then mirror the leader's learner calls."""
+    """The follower's whole life: build, then mirror the leader's learner calls. A terminal's Ctrl-C is the
+    leader's to handle: it keeps what is learned, then tells the followers to stop."""
     if "DASH_LEADER_PID" in os.environ and not die_with_parent(int(os.environ["DASH_LEADER_PID"])):
         return
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     command, (fields,) = team.hear()
     assert command == "start", command
     config = DashConfig.model_validate(fields)

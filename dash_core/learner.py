@@ -233,9 +233,9 @@ class Learner:
     def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
         """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics.
         In a team, each process learns from its share of each step's rows."""
+        self.partial = True  # from the moment followers are told: a failure from here on leaves them mid-step
         self._tell("learn", store, manifest)
         steps: list[LearnStats] = []
-        self.partial = True
         for rows in self.rule.optimizer_steps(manifest.kept, self.algo.ppo_steps):
             kept = store.kept_rows(manifest, LEARNER_COLUMNS, rows)
             mine = self.team.share(kept) if self.team else kept

@@ -174,19 +174,20 @@ class Followers:
             return f"learner process {rank} (pid {process.pid}) stopped ({how})"
         return None
 
-    def close(self) -> None:
-        """The followers end: told to stop when the team is whole, else (or if they linger) terminated."""
-        if dist.is_initialized() and all(p.poll() is None for p in self.processes.values()):
+    def close(self, finished: bool) -> None:
+        """The followers end: told to stop after a finished run; after a failure, which may have left them inside
+        a collective the leader never joined, terminated (they hold nothing to save)."""
+        if finished:
             dismiss()
         for process in self.processes.values():
             try:
-                process.wait(timeout=10)
+                process.wait(timeout=10 if finished else 0)
             except subprocess.TimeoutExpired:
                 stop_process(process)
 
 
 def dismiss() -> None:
-    """The leader, at the end: the followers stop."""
+    """The leader, at the end of a finished run: the followers stop."""
     if dist.is_initialized() and dist.get_rank() == 0 and (member := team()):
         member.tell("stop")
         member.disband()

@@ -238,9 +238,11 @@ def main(argv: list[str] | None = None) -> int:
 
     _show_dash_logs()
     followers = Followers(args.learners) if args.command == "train" and args.learners > 1 and "WORLD_SIZE" not in os.environ else None
+    finished = False
     try:
         with prefect_api():
             _run(args, config)
+        finished = True
     except (ConfigError, NonFiniteLossError, EverythingFilteredError, ResumeError, OSError, ValueError) as exc:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 1
@@ -253,7 +255,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
-        followers.close() if followers else dismiss()
+        if followers:
+            followers.close(finished)
+        elif finished:
+            dismiss()
     return 0
 
 

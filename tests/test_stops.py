@@ -17,16 +17,19 @@ from dash_core.checkpoint import load_latest
 from dash_core.store import RunStore
 
 
-def start_training(tmp_path: Path) -> tuple[subprocess.Popen, str, str]:
-    """`dashrl train` as a terminal starts it; returns once it has logged two iterations."""
+def start_training(tmp_path: Path, learners: int = 1) -> tuple[subprocess.Popen, str, str]:
+    """`dashrl train` as a terminal starts it, with `learners` learner processes; returns once it has logged two
+    iterations (with several learners, after a warm-up long enough that the iterations have something to learn)."""
     config = {
         "iterations": 100_000, "threads": 1, "task": {"digits": 1, "heldout_fraction": 0.2},
         "sampler": {"prompts_per_iteration": 4, "group_size": 4}, "warmup": {"steps": 20, "batch_size": 8, "target_accuracy": None},
         "eval": {"every": 100_000, "size": 8}, "store": {"url": str(tmp_path / "store")},
         "tracking": {"uri": f"sqlite:///{tmp_path}/mlflow.db", "experiment": "stops"},
     }  # fmt: skip
+    if learners > 1:
+        config["warmup"] |= {"steps": 150, "batch_size": 16}
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
-    trainer = start_dashrl(["train", "--config", str(tmp_path / "run.yaml")], tmp_path)
+    trainer = start_dashrl(["train", "--config", str(tmp_path / "run.yaml"), "--learners", str(learners)], tmp_path)
     return trainer, wait_logged(trainer, tmp_path / "mlflow.db", "stops", 2), config["tracking"]["uri"]
 
 
@@ -40,10 +43,13 @@ def all_gone(processes: list[psutil.Process]) -> bool:
 
 
 # After SIGTERM, Prefect reports the crash, then lets the signal end the process, as the default action would.
-@pytest.mark.parametrize(("stop", "code"), [(lambda p: os.killpg(p.pid, signal.SIGINT), 130), (lambda p: p.terminate(), -15)],
-                         ids=["ctrl-c", "sigterm"])  # fmt: skip
-def test_a_stop_keeps_the_checkpoint_prints_the_hint_and_leaves_nothing(tmp_path, stop, code):
-    trainer, run_id, uri = start_training(tmp_path)
+CTRL_C, SIGTERM = (lambda p: os.killpg(p.pid, signal.SIGINT), 130), (lambda p: p.terminate(), -15)
+
+
+@pytest.mark.parametrize(("stop", "code", "learners"), [(*CTRL_C, 1), (*SIGTERM, 1), (*CTRL_C, 2)],
+                         ids=["ctrl-c", "sigterm", "ctrl-c-2-learners"])  # fmt: skip
+def test_a_stop_keeps_the_checkpoint_prints_the_hint_and_leaves_nothing(tmp_path, stop, code, learners):
+    trainer, run_id, uri = start_training(tmp_path, learners)
     processes = family(trainer)
     assert any("flows.prefect_api" in " ".join(p.cmdline()) for p in processes)  # the run's own Prefect server
     stop(trainer)
@@ -56,8 +62,9 @@ def test_a_stop_keeps_the_checkpoint_prints_the_hint_and_leaves_nothing(tmp_path
     assert MlflowClient(uri).get_run(run_id).info.status == "KILLED"
 
 
-def test_nothing_outlives_a_killed_trainer(tmp_path):
-    trainer, _, _ = start_training(tmp_path)
+@pytest.mark.parametrize("learners", [1, 2])
+def test_nothing_outlives_a_killed_trainer(tmp_path, learners):
+    trainer, _, _ = start_training(tmp_path, learners)
     processes = family(trainer)
     trainer.kill()
     trainer.communicate()
