@@ -47,7 +47,7 @@ class LearnStats:
     sequences: int = 0
     tokens: int = 0  # completion tokens: what the loss is normalised by
     row_tokens: int = 0  # prompt + completion tokens of the rows
-    padded_tokens: int = 0  # what the forward passes computed: rows x longest row, per micro-batch
+    padded_tokens: int = 0  # what the forward passes computed: rows x longest row per micro-batch (packed: the rows)
     forward_s: float = 0.0
     backward_s: float = 0.0
 
