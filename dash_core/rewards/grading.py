@@ -45,7 +45,8 @@ def grade(
 ) -> Grades:
     """One reward per completion. Code runs in parallel sandboxes; math answers are checked in parallel, each symbolic
     check within `math_timeout_s` and all of them within `math_deadline_s`, so that a batch of pathological answers
-    costs seconds, not minutes (answers settled without a symbolic check are graded whatever the time)."""
+    costs seconds, not minutes (answers settled without a symbolic check are graded whatever the time). A failure of
+    the code grader's own raises GraderError: the batch gets no rewards rather than wrong ones."""
     rewards = [0.0] * len(problems)
     math, code = [], []
     for i, (problem, text) in enumerate(zip(problems, completions, strict=True)):

@@ -23,6 +23,7 @@ program that passed every case before it); without bwrap, a run's total disk use
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,9 +34,11 @@ from .judge import _judge
 from .plan import _plan, _shadowed
 from .sandbox import _run_sandboxed
 
-__all__ = ["STATUSES", "CodeResult", "mbpp_plus_tests", "mbpp_tests", "run_many", "run_tests"]
+__all__ = ["STATUSES", "CodeResult", "GraderError", "mbpp_plus_tests", "mbpp_tests", "run_many", "run_tests"]
 
 STATUSES = ("passed", "failed", "timeout", "error", "crashed")
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -48,11 +51,32 @@ class CodeResult:
     duration_s: float
 
 
+class GraderError(RuntimeError):
+    """Grading failed twice for a reason of the grader's own: no reward can be trusted, so none is given."""
+
+
 def run_tests(program: str, tests: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> CodeResult:
     """Run `program` and the parts of `tests` that need it in a fresh sandbox, and judge the results here.
 
-    Raises RuntimeError only when the sandbox itself cannot be set up, never because of what the program does.
+    Whatever the program does ends in a status. Anything raised is the grader's own failure (the sandbox cannot be
+    set up, a SystemError or MemoryError in the judge), usually transient: it is tried once more, then GraderError
+    names the cause, so that it never becomes a reward of 0.
     """
+    try:
+        return _run_tests_once(program, tests, timeout_s, memory_mb)
+    except Exception as error:
+        _log.warning("code grading failed (%s: %s); trying once more", type(error).__name__, error)
+    try:
+        return _run_tests_once(program, tests, timeout_s, memory_mb)
+    except Exception as error:
+        raise GraderError(
+            f"code grading failed twice for a reason of the grader's own, not the program's: {type(error).__name__}: "
+            f"{error}. No reward was given for this batch; resuming the run grades it again. If the cause repeats, "
+            "fix it first (the traceback above says where: the sandbox's setup, the host's memory, the judge)"
+        ) from error
+
+
+def _run_tests_once(program: str, tests: str, timeout_s: float, memory_mb: int) -> CodeResult:
     start = time.monotonic()
     plan = _plan(tests, _shadowed(program, tests))
     if plan.error is not None:

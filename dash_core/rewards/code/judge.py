@@ -39,6 +39,10 @@ _SANDBOX_ONLY = frozenset(
 )
 _OUT, _TICK, _RECORD = "_dash_out", "_dash_tick", "_dash_record"  # names the judge binds while it runs the tests
 _RAISED_STATUS = {"AssertionError": "failed", "SystemExit": "failed", "MemoryError": "crashed"}  # otherwise "error"
+# Raised in the judge's own process, the grader's failures (CPython's parser under threads), not the program's: the
+# judge lets them through, never a status. A MemoryError stays the program's ("crashed"): the values it returned
+# could cause one, and no program may stop training.
+_GRADER_ERRORS = (SystemError,)
 
 
 def _judge_import(
@@ -137,6 +141,8 @@ def _judge(plan: _Plan, outputs: _Outputs, deadline: float) -> tuple[str, str]:
         return stop.status, _where(str(stop), step)
     except AssertionError as error:
         return "failed", _where(f"AssertionError: {error}".rstrip(": "), step)
+    except _GRADER_ERRORS:
+        raise
     except Exception as error:
         return "error", _where(f"{type(error).__name__}: {error}", step)
     return "passed", ""

@@ -32,11 +32,12 @@ import ast
 import builtins
 import functools
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import CodeType
 
-from .judge import _JUDGE_MODULES, _RECORD, _SANDBOX_ONLY, _bind, _judge_namespace
+from .judge import _GRADER_ERRORS, _JUDGE_MODULES, _RECORD, _SANDBOX_ONLY, _bind, _judge_namespace
 from .split import _bound_names, _free_names, _NotJudged, _Site, _split
 from .values import _encode
 
@@ -62,6 +63,25 @@ class _Plan:
     error: str | None = None  # the tests fail on their own, whatever the program
 
 
+# CPython's converters between its internal AST and `ast` objects (ast.parse, compile of an `ast` tree) count their
+# recursion depth in state all threads share (3.11 at least, python/cpython#106905): two of run_many's threads parsing
+# at once can raise "SystemError: AST constructor recursion depth mismatch". Every parse and compile of the judge holds
+# this lock; each takes far less than a sandbox run, and those of the tests are cached per task.
+_AST_LOCK = threading.Lock()
+
+
+def _parse(source: str, mode: str = "exec") -> ast.AST:
+    """`ast.parse`, one thread at a time."""
+    with _AST_LOCK:
+        return ast.parse(source, mode=mode)
+
+
+def _compile(tree: ast.Module) -> CodeType:
+    """The judge's code for `tree`, compiled one thread at a time."""
+    with _AST_LOCK:
+        return compile(tree, "<tests>", "exec")
+
+
 def _called_names(tree: ast.Module) -> set[str]:
     return {node.func.id for node in ast.walk(tree) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
 
@@ -70,7 +90,7 @@ def _called_names(tree: ast.Module) -> set[str]:
 def _shadow_candidates(tests: str) -> frozenset[str]:
     """Builtin or module names the tests call, when they call nothing else the program could define."""
     try:
-        tree = ast.parse(tests)
+        tree = _parse(tests)
     except SyntaxError:
         return frozenset()
     own = set().union(*(_bound_names(statement) for statement in tree.body))
@@ -85,7 +105,7 @@ def _shadowed(program: str, tests: str) -> frozenset[str]:
     if not candidates:
         return candidates
     try:
-        tree = ast.parse(program)
+        tree = _parse(program)
     except (SyntaxError, ValueError, RecursionError, MemoryError):
         return frozenset()  # the sandbox reports why
     return candidates & set().union(*(_bound_names(statement) for statement in tree.body))
@@ -107,7 +127,7 @@ def _judge_setup(statement: ast.stmt, known: Callable[[str], bool]) -> bool:
 def _plan(tests: str, shadowed: frozenset[str]) -> _Plan:
     """Split `tests` between the sandbox and the judge, computing the data arguments of the calls it sends."""
     try:
-        tree = ast.parse(tests)
+        tree = _parse(tests)
     except SyntaxError as error:
         return _Plan((), (), (), f"SyntaxError in the tests: {error}")
     judge_bound: set[str] = set()  # bound by what the judge runs
@@ -135,10 +155,12 @@ def _plan(tests: str, shadowed: frozenset[str]) -> _Plan:
         code = None
         sites = 0
         if _judge_setup(statement, known):
-            code = compile(ast.Module([statement], []), "<tests>", "exec")
+            code = _compile(ast.Module([statement], []))
             try:
                 _bind(namespace, modules)
                 exec(code, namespace)
+            except _GRADER_ERRORS:
+                raise  # not the tests' fault: a plan that said so would score the task 0 until the process ends
             except Exception as error:
                 return _Plan((), (), (), f"the tests raise by themselves: {type(error).__name__}: {error}")
             judge_bound |= _bound_names(statement)
@@ -150,8 +172,8 @@ def _plan(tests: str, shadowed: frozenset[str]) -> _Plan:
                 judge, record, site_list = _split(statement, known, checkers)
                 _bind(namespace, modules)
                 ops.extend(_record_ops(record, site_list, namespace, isinstance(statement, ast.For)))
-                code, sites = compile(judge, "<tests>", "exec"), len(site_list)
-                sandbox_code.extend(ast.parse(op[1], mode="eval") for op in ops[first:] if op[0] == "eval")
+                code, sites = _compile(judge), len(site_list)
+                sandbox_code.extend(_parse(op[1], mode="eval") for op in ops[first:] if op[0] == "eval")
             except _NotJudged:
                 ops.append(("exec", ast.unparse(statement)))
                 sandbox_code.append(statement)
@@ -181,13 +203,17 @@ def _record_ops(record: ast.Module, sites: list[_Site], namespace: dict, loop: b
     namespace[_RECORD] = add
     if loop:
         try:
-            exec(compile(record, "<tests>", "exec"), namespace)
+            exec(_compile(record), namespace)
+        except _GRADER_ERRORS:
+            raise
         except Exception:  # a loop is recorded whole or not at all: the sandbox then runs it
             raise _NotJudged from None
         return ops
     for k, statement in enumerate(record.body):
         try:
-            exec(compile(ast.Module([statement], []), "<tests>", "exec"), namespace)
+            exec(_compile(ast.Module([statement], [])), namespace)
+        except _GRADER_ERRORS:
+            raise
         except Exception:  # the arguments raise here; they will in the sandbox too, where the judge can see it
             sites[k] = _Site(sites[k].source, None)
             ops.append(("eval", sites[k].source))
