@@ -2,12 +2,15 @@
 an in-process backend answers to the calls only inference servers serve."""
 
 import pytest
+import torch
 from helpers import TINY
+from transformers.cache_utils import DynamicLayer
 
 from dash_core.config import DashConfig, ModelConfig, SamplerConfig
 from dash_core.evaluation import eval_sampling
 from dash_core.models import load_policy
 from dash_core.samplers import SamplingParams, TransformersSampler, policy_sampler
+from dash_core.samplers.transformers_backend import _GrowingLayer
 
 
 def test_sampling_params_come_from_the_sampler_config():
@@ -51,3 +54,19 @@ def test_the_fixed_shape_decode_loop_of_gpus_samples_what_the_pruning_one_does()
     assert [g.finish_reason for g in fixed] == [g.finish_reason for g in pruning]
     for a, b in zip(fixed, pruning):
         assert a.logprobs == pytest.approx(b.logprobs, abs=1e-5)
+
+
+def test_the_growing_kv_cache_holds_what_transformers_dynamic_cache_holds():
+    """The CPU decode loop's preallocated cache against the concatenating one it replaces, through a prompt
+    prefill, a copy per completion, a decode step, the pruning of finished rows and another step."""
+    growing, dynamic = _GrowingLayer(capacity=8), DynamicLayer()
+    prompt, step, after_pruning = torch.randn(2, 2, 3, 5, 16), torch.randn(2, 6, 3, 1, 16), torch.randn(2, 3, 3, 1, 16)
+    for layer in (growing, dynamic):
+        layer.update(*prompt)  # 2 prompts, 3 heads, 5 positions, head dim 16
+        layer.batch_repeat_interleave(3)
+        layer.update(*step)
+        layer.batch_select_indices(torch.tensor([0, 2, 5]))
+        keys, values = layer.update(*after_pruning)
+    assert growing.get_seq_length() == dynamic.get_seq_length() == 7
+    assert torch.equal(keys, dynamic.keys) and torch.equal(values, dynamic.values)
+    assert torch.equal(growing.keys, dynamic.keys) and torch.equal(growing.values, dynamic.values)

@@ -14,7 +14,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.config import ModelConfig, SamplerConfig
 from dash_core.models import load_policy
-from dash_core.samplers.base import Generation, Sampler, SamplingParams
+from dash_core.samplers.base import Generation, Sampler, SamplingParams, prompt_seed
 from dash_core.samplers.transformers_backend import TransformersSampler
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "TransformersSampler",
     "build_sampler",
     "policy_sampler",
+    "prompt_seed",
 ]
 
 
@@ -37,10 +38,11 @@ class LoadedPolicy(NamedTuple):
 
 
 def build_sampler(
-    cfg: SamplerConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, sync_dir: str
+    cfg: SamplerConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, sync_dir: str, private: bool = False
 ) -> Sampler:
     """`cfg.backend`'s sampler over `policy`. `sync_dir` is a local folder the backend may write model files to
-    (and remote servers read from)."""
+    (and remote servers read from). `private`: the sampler samples while `policy` learns, so an in-process one
+    keeps its own copy of the weights."""
     if cfg.backend == "vllm":
         from dash_core.samplers.vllm_backend import VLLMSampler
 
@@ -49,13 +51,13 @@ def build_sampler(
         from dash_core.samplers.remote_backend import RemoteSampler
 
         return RemoteSampler(cfg.remote, tokenizer, sync_dir)
-    return TransformersSampler(policy, tokenizer, batch_size=cfg.batch_size)
+    return TransformersSampler(policy, tokenizer, batch_size=cfg.batch_size, private=private)
 
 
 def policy_sampler(
-    model: ModelConfig, sampler: SamplerConfig, seed: int, sync_dir: str, path: str | None = None
+    model: ModelConfig, sampler: SamplerConfig, seed: int, sync_dir: str, path: str | None = None, private: bool = False
 ) -> LoadedPolicy:
     """`model` loaded (from the saved directory `path` when given, as `load_policy` does) with the sampler
     `sampler` configures over it: what a training run, its sft teacher and an evaluation each sample from."""
     policy, tokenizer = load_policy(model, seed, path=path)
-    return LoadedPolicy(policy, tokenizer, build_sampler(sampler, policy, tokenizer, seed, sync_dir))
+    return LoadedPolicy(policy, tokenizer, build_sampler(sampler, policy, tokenizer, seed, sync_dir, private))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -37,6 +38,13 @@ class SamplingParams:
         )
 
 
+def prompt_seed(seed: int, batch: str, index: int) -> int:
+    """The seed of prompt `index` of a batch (`batch` names it, e.g. 'rl:12' for iteration 12): its completions'
+    randomness comes from this alone, so a batch is the same however its prompts are split across processes."""
+    digest = hashlib.blake2b(f"{seed}:{batch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1  # 63 bits: a valid torch, vLLM and OpenAI API seed
+
+
 @dataclass
 class Generation:
     """One completion. `logprobs[i]` is the sampler's log-probability of `token_ids[i]` at temperature 1."""
@@ -55,8 +63,9 @@ class Sampler(ABC):
     events: Sequence[dict[str, Any]] = ()  # what the run should log about the sampler, e.g. a dropped server
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
-        """`params.n` completions per prompt, prompt-major: completion j of prompt i is at i * n + j."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[Generation]:
+        """`params.n` completions per prompt, prompt-major: completion j of prompt i is at i * n + j. `seeds`, one
+        per prompt, make each prompt's completions a function of its seed, whatever else the batch holds."""
 
     @abstractmethod
     def load_weights(self, policy: PreTrainedModel) -> None:

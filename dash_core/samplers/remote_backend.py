@@ -89,13 +89,13 @@ class RemoteSampler(Sampler):
             self._sync(new, self.sync_dir / f"{WEIGHTS_PREFIX}{self.version}")
 
     # -- sampling ----------------------------------------------------------------------------------------------
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[Generation]:
         done: dict[int, list[Generation]] = {}  # first prompt of a shard -> its generations
         pending = [(0, len(prompts))] if prompts else []
         while pending:
             servers = self._live()
             jobs = [(url, piece) for span in pending for url, piece in zip(servers, shard(*span, len(servers)))]
-            outcomes = _parallel([partial(self._complete, url, prompts[a:b], params) for url, (a, b) in jobs])
+            outcomes = _parallel([partial(self._complete, url, prompts[a:b], params, seeds and seeds[a:b]) for url, (a, b) in jobs])
             pending = []
             for (url, (a, b)), outcome in zip(jobs, outcomes):
                 if isinstance(outcome, Exception):
@@ -105,9 +105,20 @@ class RemoteSampler(Sampler):
                     done[a] = outcome
         return [g for start in sorted(done) for g in done[start]]
 
-    def _complete(self, url: str, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def _complete(self, url: str, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None) -> list[Generation]:
+        """A shard on one server: one request, or with seeds one concurrent request per prompt (a request carries
+        one seed), which the server batches as it would one request."""
+        if seeds is None:
+            return self._request(url, prompts, params)
+        with ThreadPoolExecutor(max_workers=len(prompts)) as pool:
+            parts = pool.map(lambda prompt, seed: self._request(url, [prompt], params, seed), prompts, seeds)
+            return [g for part in parts for g in part]
+
+    def _request(self, url: str, prompts: list[list[int]], params: SamplingParams, seed: int | None = None) -> list[Generation]:
         sent, fields = vllm_request(prompts, params)
         body = {"model": self._model(url), "prompt": sent, "return_token_ids": True, **fields}
+        if seed is not None:
+            body["seed"] = seed
         # Choices come prompt-major (index = position); sorting keeps that true should a server reorder them.
         choices = sorted(self._json("POST", f"{url}/v1/completions", json=body)["choices"], key=lambda c: c["index"])
         if len(choices) != len(prompts) * params.n:

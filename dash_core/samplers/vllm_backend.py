@@ -103,7 +103,7 @@ class VLLMSampler(Sampler):
         self.sleeps = not on_cpu and cfg.vllm.sleep_mode
         self.asleep = False
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Generation]:
+    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[Generation]:
         from vllm import SamplingParams as EngineParams
         from vllm.inputs import TokensPrompt
 
@@ -113,7 +113,9 @@ class VLLMSampler(Sampler):
         try:
             sent, fields = vllm_request(prompts, params)
             requests = [TokensPrompt(prompt_token_ids=p) for p in sent]
-            outputs = self.llm.generate(requests, EngineParams(**fields), use_tqdm=False)
+            copies = len(sent) // max(len(prompts), 1)  # a greedy request sends each prompt n times
+            shaping = EngineParams(**fields) if seeds is None else [EngineParams(**fields, seed=seeds[i // copies]) for i in range(len(sent))]
+            outputs = self.llm.generate(requests, shaping, use_tqdm=False)
         finally:
             if self.sleeps:
                 self.llm.sleep(level=1)
