@@ -36,12 +36,13 @@ def warm_policy(workdir: Path, threads: int) -> str:
     """A model directory holding the embedded default's policy after its supervised warm-up (made once)."""
     folder = workdir / "warm-policy"
     if not (folder / "config.json").exists():
+        from dash_core import loop
         from dash_core.run import TrainingRun
 
         run = TrainingRun.start(embedded_config(workdir, threads=threads))
-        run.warm_up()
+        loop.warm_up(run)
         run.save_policy(str(folder))
-        run.tracker.finish()
+        run.finish()
     return str(folder)
 
 

@@ -24,9 +24,9 @@ import torch  # noqa: E402
 from rich.console import Console  # noqa: E402
 from rich.table import Table  # noqa: E402
 
+from dash_core import loop  # noqa: E402
 from dash_core.config import DashConfig  # noqa: E402
 from dash_core.run import TrainingRun  # noqa: E402
-from flows.train import dash_step  # noqa: E402
 
 PHASES = ("sample", "reward", "learn")
 MODES = ("preemptive", "small-batch")
@@ -79,22 +79,27 @@ def compare(setup: Setup, workdir: Path) -> dict[str, dict[str, float]]:
     runs = {mode: TrainingRun.start(setup.config(mode, workdir)) for mode in MODES}
     times = {mode: {phase: [] for phase in PHASES} for mode in MODES}
     for run in runs.values():
-        run.sample(0)  # warm the kernels and caches once
+        loop.sample(run, 0, 0)  # warm the kernels and caches once
     for iteration in range(1, setup.iterations + 1):
         for mode, run in runs.items():
-            # the phases as `dash-train` runs them, without Prefect
-            run.train(iteration, dash_step, lambda _, metrics, mode=mode: _record(times[mode], metrics))
+            loop.iterations(run, iteration, Recorder(times[mode]))  # the loop `dash-train` runs, without Prefect
     for run in runs.values():
         run.save()  # the last checkpoint is written in the background: done before the folder goes
-        run.tracker.finish()
+        run.finish()
     return {
         mode: {phase: statistics.median(values) for phase, values in phases.items()} for mode, phases in times.items()
     }
 
 
-def _record(times: dict[str, list[float]], metrics: dict[str, float]) -> None:
-    for phase, values in times.items():
-        values.append(metrics[f"time/{phase}_s"])
+class Recorder(loop.Hooks):
+    """Each iteration's phase times, into lists by phase."""
+
+    def __init__(self, times: dict[str, list[float]]):
+        self.times = times
+
+    def iteration(self, iteration: int, metrics: dict[str, float]) -> None:
+        for phase, values in self.times.items():
+            values.append(metrics[f"time/{phase}_s"])
 
 
 def iteration_s(times: dict[str, float]) -> float:

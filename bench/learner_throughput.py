@@ -95,7 +95,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     learner_cfg = LearnerConfig(lr=1e-6, micro_batch_size=size, tokens_per_micro_batch=tokens, precision=config.get("precision"),
                                 data_parallel=config.get("data_parallel", "ddp"))  # fmt: skip
     learner = Learner(policy, learner_cfg, AlgoConfig(), pad_id=0, team=member)
-    batch = member.share(batch) if member else batch
+    batch = member.share(batch)
     if tokens:
         learner.step([batch])  # allocator and optimizer state settle before the probe sizes an automatic budget
     chunks = learner.micro_batches(batch)  # as the learner makes them: by token budget (grouped by length) or rows
@@ -109,7 +109,7 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     return {"config": config | {"tokens": learner.token_budget}, "tokens_per_s": tokens / seconds, "step_s": seconds,
             "peak_mem_gib": memory.peak / 2**30,
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{config['threads']}",
-            "learners": member.size if member else 1}  # fmt: skip
+            "learners": member.size}  # fmt: skip
 
 
 def run_learners(config: dict[str, Any]) -> subprocess.CompletedProcess:
@@ -152,9 +152,9 @@ def main() -> None:
         from dash_core.team import team
 
         result = measure(json.loads(args.worker))
-        if member := team():
-            member.disband()
-        if not member or member.leads:
+        member = team()
+        member.disband()
+        if member.leads:
             print(json.dumps(result))
         return
     grid = itertools.product(args.model.split(","), args.logprobs.split(","), args.dtype.split(","), args.precision.split(","),

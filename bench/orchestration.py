@@ -3,7 +3,7 @@
     dashrl bench orchestration [--iterations 200 --rounds 2 --threads 1 --prefect ephemeral|server]
 
 Each round runs the embedded default for --iterations iterations (from its cached warm-up) twice, in fresh
-processes and alternating order: as `TrainingRun.train` called directly (a plain loop, with the same MLflow logging), and as
+processes and alternating order: as `loop.iterations` called directly (a plain loop, with the same MLflow logging), and as
 the `dash-train` flow against Prefect's ephemeral server, or against a real `prefect server` started for the
 benchmark on loopback (--prefect server). Both report the same `time/iteration_s` (an iteration's whole
 wall-clock on the loop, orchestration included). Printed per mode: median, mean, p90 and worst iteration, worst
@@ -41,15 +41,15 @@ def run_mode(mode: str, args: argparse.Namespace) -> None:
 
         run_id = dash_train(config=config)["run_id"]
     else:
+        from dash_core import loop
         from dash_core.run import TrainingRun
         from dash_core.timing import steady_heap
-        from flows.train import dash_step  # the same phases, without the flow around them
 
         run = TrainingRun.start(config)
         with steady_heap():
-            run.train(args.iterations, dash_step)
+            loop.iterations(run, args.iterations)  # the same iterations, without the flow around them
         run.save()
-        run.tracker.finish()
+        run.finish()
         run_id = run.run_id
     from mlflow.tracking import MlflowClient
 

@@ -13,13 +13,15 @@ from dash_core.samplers import Generation
 
 @dataclass
 class Rollouts:
-    """One preemptive batch: M problems and their M x `group` completions, prompt-major."""
+    """This process's groups of one preemptive batch: problems and their `group` completions each, prompt-major."""
 
     iteration: int
     problems: list[Problem]
     prompt_ids: list[list[int]]
     generations: list[Generation]
     group: int
+    first_group: int = 0  # the batch's index of this process's first group
+    policy_version: int = 0  # the iteration whose weights sampled them (iteration - 1 when exactly on-policy)
 
     def problem_of_each(self) -> list[Problem]:
         return [p for p in self.problems for _ in range(self.group)]
@@ -41,13 +43,14 @@ class ScoredBatch:
         return {
             "iteration": [r.iteration] * len(gens),
             "problem_id": [p.id for p in problems],
-            "group": [i // group for i in range(len(gens))],
+            "group": [r.first_group + i // group for i in range(len(gens))],
             "prompt": [p.prompt for p in problems],
             "completion": [g.text for g in gens],
             "prompt_ids": [r.prompt_ids[i // group] for i in range(len(gens))],
             "completion_ids": [g.token_ids for g in gens],
             "sampler_logprobs": [g.logprobs for g in gens],
             "finish_reason": [g.finish_reason for g in gens],
+            "policy_version": [r.policy_version] * len(gens),
             "reward": self.rewards.tolist(),
             "advantage": self.advantages.tolist(),
             "kept": self.kept.tolist(),

@@ -130,6 +130,13 @@ class SamplerConfig(Section):
     top_p: float = Field(1.0, gt=0, le=1)
     top_k: int = Field(0, ge=0, description="0 disables top-k")
     stop: list[str] = Field(default_factory=list, description="extra stop strings (end-of-sequence always stops)")
+    max_staleness: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        0,
+        description="k: rollouts may run k iterations ahead of the learner (sampled by a policy up to k steps old, "
+        "corrected by truncated importance weights, algo.is_cap) while it learns; 0: exactly on-policy (the paper's "
+        "DASH); auto: k chosen per block from the learner's idle time, kept down while the mismatch exceeds max_mismatch_kl",
+    )
+    max_mismatch_kl: float = Field(1e-3, gt=0, description="max_staleness=auto: the sampler-learner mismatch (train/mismatch_kl) it stays under")
     vllm: VLLMConfig = VLLMConfig()
     remote: RemoteConfig = RemoteConfig()
 
@@ -150,6 +157,7 @@ class AlgoConfig(Section):
     sft_source: Literal["human", "teacher"] = Field("human", description="sft: human solutions, or a teacher's correct traces")
     teacher: str | None = Field(None, description="sft teacher: model id or directory ('sweep:<preset>' inside a sweep)")
     max_empty_iterations: int = Field(20, gt=0, description="stop after this many iterations in a row with nothing kept")
+    is_cap: float = Field(2.0, gt=0, description="cap of the importance weights pi / pi_old of samples from an older policy (sampler.max_staleness)")
 
     @field_validator("rule")
     @classmethod
@@ -287,6 +295,15 @@ class DashConfig(Section):
             raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")
         if self.learner.data_parallel == "fsdp" and self.algo.beta > 0:
             raise ValueError("learner.data_parallel=fsdp has no KL reference model: use ddp, or algo.beta=0")
+        if self.sampler.max_staleness != 0:
+            if self.sampler.backend == "vllm":
+                raise ValueError(
+                    "sampler.max_staleness samples while the learner learns, which needs a sampler of its own: use "
+                    "sampler.backend=remote (inference servers; sampler.remote.launch=1 starts one beside the learner) "
+                    "or transformers (a thread sampling from its own copy of the policy)"
+                )
+            if RULES[self.algo.rule].learns_from == "traces":
+                raise ValueError(f"sampler.max_staleness: algo.rule={self.algo.rule} learns from traces, not samples; set it to 0")
         return self
 
     @model_validator(mode="after")

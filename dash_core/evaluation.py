@@ -32,6 +32,45 @@ class EvalResult:
     rows: list[dict]  # per problem: prompt, answer, greedy completion and score, sampled completions and scores
 
 
+def score(
+    problems: list[Problem],
+    prompt_ids: list[list[int]],
+    sampler: Sampler,
+    sampling: SamplingParams,
+    seeds: list[int] | None = None,
+) -> list[dict]:
+    """Each problem's greedy completion and `sampling.n` sampled ones, graded: one row per problem (what a process
+    scores of its share of a set; `summary` turns all the rows into metrics). `seeds`: one per problem."""
+    n = sampling.n
+    greedy = sampler.generate(prompt_ids, replace(sampling, n=1, temperature=0.0))
+    sampled = sampler.generate(prompt_ids, sampling, seeds)
+    greedy_scores = grade(problems, [g.text for g in greedy]).rewards
+    sampled_scores = grade([p for p in problems for _ in range(n)], [g.text for g in sampled]).rewards
+    rows = []
+    for i, problem in enumerate(problems):
+        scores, completions = sampled_scores[i * n : (i + 1) * n], sampled[i * n : (i + 1) * n]
+        rows.append({
+            "id": problem.id, "prompt": problem.prompt, "answer": problem.answer,
+            "greedy": greedy[i].text, "greedy_score": greedy_scores[i],
+            "sampled": [g.text for g in completions], "sampled_scores": scores,
+            "sampled_lengths": [len(g.token_ids) for g in completions], "correct": sum(s >= 0.5 for s in scores),
+        })  # fmt: skip
+    return rows
+
+
+def summary(name: str, rows: list[dict], ks: tuple[int, ...] = ()) -> dict[str, float]:
+    """Metrics named `eval/<name>/...` of a set's rows; the sampled accuracy is the mean over all samples."""
+    n = len(rows[0]["sampled_scores"])
+    metrics = {
+        f"eval/{name}/accuracy": mean(row["greedy_score"] for row in rows),
+        f"eval/{name}/sampled_accuracy": mean(s for row in rows for s in row["sampled_scores"]),
+        f"eval/{name}/length_mean": mean(length for row in rows for length in row["sampled_lengths"]),
+    }
+    for k in ks:
+        metrics[f"eval/{name}/pass_at_{k}"] = mean(pass_at_k(n, row["correct"], k) for row in rows)
+    return metrics
+
+
 def evaluate(
     name: str,
     problems: list[Problem],
@@ -40,29 +79,9 @@ def evaluate(
     sampling: SamplingParams,
     ks: tuple[int, ...] = (),
 ) -> EvalResult:
-    """Metrics are named `eval/<name>/...`; the sampled accuracy is the mean over all `sampling.n` samples."""
-    n = sampling.n
-    greedy = sampler.generate(prompt_ids, replace(sampling, n=1, temperature=0.0))
-    sampled = sampler.generate(prompt_ids, sampling)
-    greedy_scores = grade(problems, [g.text for g in greedy]).rewards
-    sampled_scores = grade([p for p in problems for _ in range(n)], [g.text for g in sampled]).rewards
-    rows = []
-    for i, problem in enumerate(problems):
-        scores = sampled_scores[i * n : (i + 1) * n]
-        rows.append({
-            "id": problem.id, "prompt": problem.prompt, "answer": problem.answer,
-            "greedy": greedy[i].text, "greedy_score": greedy_scores[i],
-            "sampled": [g.text for g in sampled[i * n : (i + 1) * n]], "sampled_scores": scores,
-            "correct": sum(s >= 0.5 for s in scores),
-        })  # fmt: skip
-    metrics = {
-        f"eval/{name}/accuracy": mean(greedy_scores),
-        f"eval/{name}/sampled_accuracy": mean(sampled_scores),
-        f"eval/{name}/length_mean": mean(len(g.token_ids) for g in sampled),
-    }
-    for k in ks:
-        metrics[f"eval/{name}/pass_at_{k}"] = mean(pass_at_k(n, row["correct"], k) for row in rows)
-    return EvalResult(metrics, rows)
+    """A whole set scored in this process."""
+    rows = score(problems, prompt_ids, sampler, sampling)
+    return EvalResult(summary(name, rows, ks), rows)
 
 
 def evaluate_sets(

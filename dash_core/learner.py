@@ -24,7 +24,7 @@ from dash_core.config import AlgoConfig, LearnerConfig
 from dash_core.memory import PeakMemory, available_bytes
 from dash_core.rules import RULES, normalise, objective
 from dash_core.store import BatchManifest, RunStore
-from dash_core.team import Team, summing_gradients
+from dash_core.team import SOLO, Team, summing_gradients
 
 log = logging.getLogger(__name__)
 LEARNER_COLUMNS = ["prompt_ids", "completion_ids", "advantage", "sampler_logprobs"]  # what a learner reads of a batch
@@ -43,6 +43,10 @@ class LearnStats:
     clipped: float = 0.0
     gap_mean: float = 0.0
     gap_max: float = 0.0
+    mismatch_kl: float = 0.0  # sampler -> learner, per token (k3 of their ratio)
+    is_weight_mean: float = 0.0  # pi / pi_old per token, before truncation
+    is_weight_max: float = 0.0
+    is_truncated: float = 0.0  # fraction of tokens whose weight was truncated
     grad_norm: float = 0.0
     sequences: int = 0
     tokens: int = 0  # completion tokens: what the loss is normalised by
@@ -53,8 +57,11 @@ class LearnStats:
 
     @classmethod
     def combine(cls, steps: list[LearnStats]) -> LearnStats:
-        """Several optimizer steps of one iteration: sums add up; the on-policy gap is the first step's."""
-        total = cls(gap_mean=steps[0].gap_mean, gap_max=steps[0].gap_max)
+        """Several optimizer steps of one iteration: sums add up; the sampler-learner gap is the first step's (later
+        steps see the policy the earlier ones moved)."""
+        first = steps[0]
+        total = cls(gap_mean=first.gap_mean, gap_max=first.gap_max, mismatch_kl=first.mismatch_kl,
+                    is_weight_mean=first.is_weight_mean, is_weight_max=first.is_weight_max, is_truncated=first.is_truncated)  # fmt: skip
         for s in steps:
             total.loss_sum += s.loss_sum
             total.kl_sum += s.kl_sum
@@ -68,13 +75,16 @@ class LearnStats:
         total.grad_norm = sum(s.grad_norm for s in steps) / len(steps)
         return total
 
-    def combine_team(self, team: Team, gap_sum: float) -> float:
-        """The whole team's sums and maxima in place of this process's; returns the team's summed gap."""
+    def combine_team(self, team: Team, token_sums: list[float]) -> list[float]:
+        """The whole team's sums and maxima in place of this process's; returns the team's `token_sums` (the
+        per-token quantities that become means)."""
         names = ["loss_sum", "kl_sum", "clipped", "sequences", "tokens", "row_tokens", "padded_tokens"]
-        sums, (self.gap_max,) = team.total([getattr(self, name) for name in names] + [gap_sum], [self.gap_max])
+        sums, (self.gap_max, self.is_weight_max) = team.total(
+            [getattr(self, name) for name in names] + token_sums, [self.gap_max, self.is_weight_max]
+        )
         for name, value in zip(names, sums):
             setattr(self, name, type(getattr(self, name))(value))
-        return sums[-1]
+        return sums[len(names) :]
 
     def metrics(self) -> dict[str, float]:
         tokens = max(self.tokens, 1)
@@ -85,6 +95,10 @@ class LearnStats:
             "train/clip_fraction": self.clipped / tokens,
             "logprob_gap/mean": self.gap_mean,
             "logprob_gap/max": self.gap_max,
+            "train/mismatch_kl": self.mismatch_kl,
+            "train/is_weight_mean": self.is_weight_mean,
+            "train/is_weight_max": self.is_weight_max,
+            "train/is_truncated_fraction": self.is_truncated,
             "train/padding_fraction": 1 - self.row_tokens / max(self.padded_tokens, 1),
             "time/forward_s": self.forward_s,
             "time/backward_s": self.backward_s,
@@ -191,7 +205,7 @@ def by_length(rows: dict[str, list], budget: int, packed: bool = False) -> list[
 
 class Learner:
     """The policy's optimizer and its update rule: reads the kept rows of a batch from the rollout store in its own
-    micro-batches and turns them into the rule's optimizer steps."""
+    micro-batches and turns them into the rule's optimizer steps. Every process of a team makes the same calls."""
 
     def __init__(
         self,
@@ -200,14 +214,16 @@ class Learner:
         algo: AlgoConfig,
         pad_id: int,
         reference: PreTrainedModel | None = None,
-        team: Team | None = None,
+        team: Team = SOLO,
+        off_policy: bool = False,
     ):
-        """In a team, the weights are the leader's. With `data_parallel: fsdp` the learner trains a sharded copy
-        of `policy`; the leader's `policy` stays whole for sampling and checkpoints (see `export_weights`)."""
+        """In a team, the weights are the first process's. With `data_parallel: fsdp` the learner trains a sharded
+        copy of `policy`, which stays whole for sampling and checkpoints (see `export_weights`). `off_policy`:
+        samples may come from an older policy (rollouts that run ahead), which the rule corrects for."""
         self.team = team
-        self.sharded = bool(team) and cfg.data_parallel == "fsdp"
+        self.sharded = team.size > 1 and cfg.data_parallel == "fsdp"
         weights = policy.state_dict() if self.sharded and team.leads else {}
-        if weights:  # the leader's policy stays whole
+        if self.sharded:  # the policy itself stays whole
             policy = copy.deepcopy(policy)
         self.policy = policy
         self.cfg = cfg
@@ -215,6 +231,7 @@ class Learner:
         self.rule = RULES[algo.rule]
         self.pad_id = pad_id
         self.reference = reference
+        self.is_cap = algo.is_cap if off_policy else None
         if cfg.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mixed = cfg.precision == "bf16-mixed"  # float32 weights and Adam state, bfloat16 matmuls
@@ -226,27 +243,25 @@ class Learner:
         if self.sharded:
             team.shard(self.logprobs, [m for m in policy.modules() if type(m).__name__ in policy._no_split_modules])
             team.load_full(policy, weights)
-        elif team:
+        elif team.size > 1:
             self.logprobs = team.data_parallel(self.logprobs, policy.device)
         self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # the shards, if sharded
 
     def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
         """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics.
         In a team, each process learns from its share of each step's rows."""
-        self.partial = True  # from the moment followers are told: a failure from here on leaves them mid-step
-        self._tell("learn", store, manifest)
+        self.partial = True
         steps: list[LearnStats] = []
         for rows in self.rule.optimizer_steps(manifest.kept, self.algo.ppo_steps):
             kept = store.kept_rows(manifest, LEARNER_COLUMNS, rows)
-            mine = self.team.share(kept) if self.team else kept
             try:
-                stand_in = {key: values[:1] for key, values in kept.items()} if self.team else None
-                steps.append(self.step(self.micro_batches(mine), stand_in))
+                stand_in = {key: values[:1] for key, values in kept.items()}
+                steps.append(self.step(self.micro_batches(self.team.share(kept)), stand_in))
             except NonFiniteLossError:
                 self.partial = bool(steps)  # the guard takes no step: without earlier steps the weights are clean
                 raise
         self.partial = False
-        return self.rule.reported(LearnStats.combine(steps).metrics(), self.algo.beta)
+        return self.rule.reported(LearnStats.combine(steps).metrics(), self.algo.beta, self.is_cap is not None)
 
     def micro_batches(self, rows: dict[str, list]) -> list[dict[str, list]]:
         """`rows` in micro-batches: by token budget (rows grouped by length), or `micro_batch_size` rows each."""
@@ -260,43 +275,33 @@ class Learner:
             log.info("learner micro-batches: %d tokens (found for the memory left)", self.token_budget)
         return by_length(rows, self.token_budget, self.packed)
 
-    def share_weights(self, source: PreTrainedModel | None = None) -> None:
-        """After the leader's policy (`source`) changed outside learning (warm-up, a cached warm-up): every
-        learner process takes its weights."""
-        self._tell("share_weights")
+    def share_weights(self, source: PreTrainedModel) -> None:
+        """After the first process's policy (`source`) changed outside learning (warm-up, a cached warm-up): every
+        process's learner takes its weights."""
         if self.sharded:
             self.team.load_full(self.policy, source.state_dict() if self.team.leads else {})
-        elif self.team:
+        else:
             self.team.align(self.policy)
 
-    def export_weights(self, into: PreTrainedModel | None = None) -> None:
-        """The leader's whole policy (`into`: what samplers and checkpoints read) takes the learned weights. Only
-        sharded weights need it: they are gathered from every process."""
+    def export_weights(self, into: PreTrainedModel) -> None:
+        """The whole policy (`into`: what samplers and checkpoints read) takes the learned weights. Only sharded
+        weights need it: they are gathered from every process."""
         if self.sharded:
-            self._tell("export_weights")
-            weights = self.team.gather(self.policy)
-            if into is not None:
-                into.load_state_dict(weights)
+            into.load_state_dict(self.team.gather_weights(self.policy))
 
     def optimizer_state(self) -> dict:
-        """Adam's state for a checkpoint (gathered whole from every process if sharded)."""
+        """Adam's state for a checkpoint (gathered whole into the first process if sharded; every process calls it)."""
         if not self.sharded:
             return self.optimizer.state_dict()
-        self._tell("optimizer_state")
         return get_optimizer_state_dict(self.policy, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
-    def use_reference(self, reference: PreTrainedModel | None = None) -> None:
-        """The frozen KL reference (the leader's; followers copy its weights into a model of the policy's shape)."""
-        self._tell("use_reference")
-        if self.team:
-            reference = reference or copy.deepcopy(self.policy)
+    def use_reference(self, reference: PreTrainedModel | None) -> None:
+        """The frozen KL reference (the first process's; the others pass None and copy its weights into a model of
+        the policy's shape)."""
+        if self.team.size > 1:
+            reference = reference if self.team.leads else copy.deepcopy(self.policy)
             self.team.align(reference)
         self.reference = reference.eval().requires_grad_(False)
-
-    def _tell(self, method: str, *args: object) -> None:
-        """The leader of a team: the followers make the same call."""
-        if self.team and self.team.leads:
-            self.team.tell(method, *args)
 
     def _forward_precision(self) -> torch.autocast:
         return torch.autocast(self.policy.device.type, dtype=torch.bfloat16, enabled=self.mixed)
@@ -304,7 +309,6 @@ class Learner:
     def load_optimizer_state(self, state: dict) -> None:
         """Adam's moments from a checkpoint; the learning rate and weight decay stay the config's, so a resumed run
         can change them (a checkpoint's param groups would silently override them)."""
-        self._tell("load_optimizer_state", state)
         if self.sharded:
             set_optimizer_state_dict(self.policy, self.optimizer, state, options=StateDictOptions(full_state_dict=True))
         else:
@@ -323,8 +327,8 @@ class Learner:
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
         stats = LearnStats()
-        gap_sum = 0.0
-        idle = bool(self.team and not chunks)
+        token_sums = [0.0, 0.0, 0.0, 0.0]  # |gap|, mismatch k3, importance weight, truncated: over completion tokens
+        idle = self.team.size > 1 and not chunks
         chunks = [stand_in] if idle else chunks
         for i, chunk in enumerate(chunks):
             with summing_gradients(self.logprobs, now=i == len(chunks) - 1):
@@ -338,9 +342,7 @@ class Learner:
             stats.backward_s += time.perf_counter() - middle
             if idle:
                 break
-            gap = (logp.detach() - tensors["sampler_logprobs"]).abs() * mask
-            gap_sum += gap.sum().item()
-            stats.gap_max = max(stats.gap_max, gap.max().item())
+            token_sums = [a + b for a, b in zip(token_sums, self._sampler_gap(logp.detach(), tensors["sampler_logprobs"], mask, stats))]
             stats.loss_sum += loss.item()
             stats.kl_sum += kl.item()
             stats.clipped += clipped.item()
@@ -349,12 +351,11 @@ class Learner:
             stats.tokens += int(mask.sum().item())
             stats.row_tokens += sum(lengths)
             stats.padded_tokens += sum(lengths) if self.packed else len(lengths) * max(lengths)
-        if self.team:
-            gap_sum = stats.combine_team(self.team, gap_sum)
+        token_sums = stats.combine_team(self.team, token_sums)
         if stats.sequences == 0:
             return stats
-        stats.gap_mean = gap_sum / stats.tokens
-        normalise(self.policy.parameters(), stats.tokens / (self.team.size if self.team else 1))  # DDP averaged them
+        stats.gap_mean, stats.mismatch_kl, stats.is_weight_mean, stats.is_truncated = (s / stats.tokens for s in token_sums)
+        normalise(self.policy.parameters(), stats.tokens / self.team.size)  # DDP averaged them
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip).item()
         if not (math.isfinite(stats.loss_sum) and math.isfinite(grad_norm)):
             self.optimizer.zero_grad(set_to_none=True)
@@ -375,8 +376,19 @@ class Learner:
             if self.algo.beta > 0:
                 with torch.no_grad():
                     ref, _ = completion_logprobs(self.reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
-            loss, kl, clipped = objective(self.rule, logp, mask, tensors, ref, self.algo.clip_eps, self.algo.beta)
+            loss, kl, clipped = objective(self.rule, logp, mask, tensors, ref, self.algo.clip_eps, self.algo.beta, self.is_cap)
         return loss, kl, clipped, logp, mask, tensors
+
+    def _sampler_gap(self, logp: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor, stats: LearnStats) -> list[float]:
+        """How far the learner's log-probs are from the sampler's on a chunk's tokens: sums over tokens of the
+        absolute gap, of the mismatch KL (k3 of the ratio r = pi / pi_old: r - 1 - log r) and of r and its
+        truncation; the maxima go into `stats`."""
+        delta = (logp - sampled) * mask
+        ratio = delta.exp()
+        stats.gap_max = max(stats.gap_max, delta.abs().max().item())
+        stats.is_weight_max = max(stats.is_weight_max, (ratio * mask).max().item())
+        truncated = (ratio > self.is_cap).float() if self.is_cap is not None else torch.zeros_like(ratio)
+        return [s.item() for s in (delta.abs().sum(), ((ratio - 1 - delta) * mask).sum(), (ratio * mask).sum(), (truncated * mask).sum())]
 
     def fit_token_budget(self, rows: dict[str, list]) -> int:
         """The largest token budget whose micro-batch fits the device with a margin: one probe micro-batch of the

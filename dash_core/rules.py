@@ -11,6 +11,10 @@ The objective of an optimizer step over the kept completions (tokens t, advantag
                minibatches, one step each (TRL's steps_per_generation); K = algo.ppo_steps. With K = 1 all equal pg.
 - sft:         loss = -log pi(t) on supervised traces (advantage 1): human solutions or a teacher's correct traces.
 - KL (any rule, algo.beta > 0): k3 = exp(ref - logp) - (ref - logp) - 1 against a frozen reference.
+- Samples from an older policy (rollouts run ahead, sampler.max_staleness != 0): pg's loss is multiplied by the
+               truncated importance weight w = min(pi(t) / pi_old(t), algo.is_cap), a constant in the gradient
+               (truncated importance sampling), so the step follows the current policy's gradient with bounded
+               variance. The clipped rules need no weight: their ratio is already taken to the sampler's policy.
 
 Every token weighs the same whatever its completion's length, and since the learner sums losses over chunks and
 divides the gradient by T once (`normalise`), chunking never changes the gradient.
@@ -57,6 +61,7 @@ class UpdateRule:
     split: Literal["once", "passes", "minibatches"] = "once"  # the kept batch as 1, K or K optimizer steps
     learns_from: Literal["samples", "traces"] = "samples"  # the policy's own samples, or supervised traces
     clips: bool = False  # reports train/clip_fraction
+    corrects: bool = False  # weighs samples of an older policy by truncated importance weights (see the top)
 
     def optimizer_steps(self, rows: int, k: int) -> list[range]:
         """The rows of the kept batch that each optimizer step learns from."""
@@ -67,18 +72,22 @@ class UpdateRule:
             return [range(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
         return [range(rows)]
 
-    def reported(self, metrics: dict[str, float], beta: float) -> dict[str, float]:
-        """The learner's metrics that mean something for this rule."""
+    def reported(self, metrics: dict[str, float], beta: float, off_policy: bool) -> dict[str, float]:
+        """The learner's metrics that mean something for this rule (`off_policy`: samples may be stale)."""
         left_out = {"train/kl"} if beta == 0 else set()
         if not self.clips:
             left_out.add("train/clip_fraction")
+        if not (off_policy and self.corrects):
+            left_out |= set(IS_METRICS)
         if self.learns_from == "traces":  # not sampled from the policy: there is no on-policy gap to check
-            left_out |= {"logprob_gap/mean", "logprob_gap/max"}
+            left_out |= {"logprob_gap/mean", "logprob_gap/max", "train/mismatch_kl"}
         return {k: v for k, v in metrics.items() if k not in left_out}
 
 
+IS_METRICS = ("train/is_weight_mean", "train/is_weight_max", "train/is_truncated_fraction")
+
 RULES: dict[str, UpdateRule] = {
-    "pg": UpdateRule(policy_gradient),
+    "pg": UpdateRule(policy_gradient, corrects=True),
     "grpo": UpdateRule(clipped_ratio, clips=True),
     "ppo_multi": UpdateRule(clipped_ratio, split="passes", clips=True),
     "ppo_mini": UpdateRule(clipped_ratio, split="minibatches", clips=True),
@@ -86,11 +95,27 @@ RULES: dict[str, UpdateRule] = {
 }
 
 
+def importance_weight(logp: Tensor, old: Tensor, cap: float) -> Tensor:
+    """Per-token pi / pi_old, truncated at `cap`, with no gradient of its own."""
+    return (logp.detach() - old).exp().clamp(max=cap)
+
+
 def objective(
-    rule: UpdateRule, logp: Tensor, mask: Tensor, chunk: dict[str, Tensor], ref_logp: Tensor | None, clip_eps: float, beta: float
+    rule: UpdateRule,
+    logp: Tensor,
+    mask: Tensor,
+    chunk: dict[str, Tensor],
+    ref_logp: Tensor | None,
+    clip_eps: float,
+    beta: float,
+    is_cap: float | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """A chunk's summed objective (before `normalise`), its summed KL and its count of clipped tokens."""
-    loss, clipped = rule.loss(logp, chunk["sampler_logprobs"], chunk["advantage"][:, None], clip_eps)
+    """A chunk's summed objective (before `normalise`), its summed KL and its count of clipped tokens; `is_cap`:
+    the samples may come from an older policy, and a correcting rule weighs them (see the top)."""
+    old = chunk["sampler_logprobs"]
+    loss, clipped = rule.loss(logp, old, chunk["advantage"][:, None], clip_eps)
+    if is_cap is not None and rule.corrects:
+        loss = loss * importance_weight(logp, old, is_cap)
     kl = k3(logp, ref_logp) if ref_logp is not None else logp.new_zeros(logp.shape)
     return ((loss + beta * kl) * mask).sum(), (kl * mask).sum(), (clipped * mask).sum()
 

@@ -42,11 +42,11 @@ class Teacher:
         self.config = config
         self._sampler: Sampler | None = None
 
-    def complete(self, prompt_ids: list[list[int]], params: SamplingParams) -> list[str]:
+    def complete(self, prompt_ids: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[str]:
         if self._sampler is None:
             model_cfg = self.config.model.model_copy(update={"name": self.config.algo.teacher})
             sampler_cfg = self.config.sampler
             if sampler_cfg.backend == "remote":
                 sampler_cfg = sampler_cfg.model_copy(update={"backend": "transformers"})
             self._sampler = policy_sampler(model_cfg, sampler_cfg, self.config.seed, tempfile.mkdtemp()).sampler
-        return [g.text for g in self._sampler.generate(prompt_ids, params)]
+        return [g.text for g in self._sampler.generate(prompt_ids, params, seeds)]

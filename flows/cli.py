@@ -220,20 +220,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print((folder / "report.md").read_text())
         return 0
-    if args.command == "train" and os.environ.get("RANK", "0") != "0":  # a follower learner (torchrun, --learners)
-        from dash_core.follower import follow
-        from dash_core.team import team
-
-        follow(team())
-        return 0
+    if args.command == "train" and os.environ.get("RANK", "0") != "0":  # a later process of the run (torchrun, --learners)
+        return _join()
     try:
         config = resolve_config(args)
     except ConfigError as exc:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 2
     from dash_core.learner import NonFiniteLossError
-    from dash_core.run import EverythingFilteredError, ResumeError
-    from dash_core.team import Followers, dismiss
+    from dash_core.loop import EverythingFilteredError, ResumeError
+    from dash_core.team import Followers, team
     from flows.prefect_api import prefect_api
 
     _show_dash_logs()
@@ -255,10 +251,35 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         raise
     finally:
+        if finished and args.command == "train":
+            team().disband()
         if followers:
             followers.close(finished)
-        elif finished:
-            dismiss()
+    return 0
+
+
+def _join() -> int:
+    """A later process of a run: the same loop as the first, on its share of the work, without Prefect or MLflow.
+    A terminal's Ctrl-C is the first process's to handle: it keeps what is learned and the others end with it."""
+    import signal
+
+    from dash_core import loop
+    from dash_core.learner import NonFiniteLossError
+    from dash_core.run import TrainingRun
+    from dash_core.serving import die_with_parent
+    from dash_core.team import team
+
+    if "DASH_LEADER_PID" in os.environ and not die_with_parent(int(os.environ["DASH_LEADER_PID"])):
+        return 1
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _show_dash_logs()
+    run = TrainingRun.join()
+    try:
+        loop.train(run)
+    except (NonFiniteLossError, loop.EverythingFilteredError, loop.ResumeError):
+        return 1  # every process meets it; the first one says why
+    del run
+    team().disband()
     return 0
 
 

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from dash_core.tracking import run_url, ui_command
 
-PHASES = ("sample", "reward", "learn", "sync", "checkpoint")  # the timed phases of `TrainingRun.step`
+PHASES = ("sample", "reward", "wait", "learn", "sync", "checkpoint")  # the timed phases of `dash_core.loop.step`
 SUMMARY_KEY = "dash-train-summary"  # the artifact's key: one entry in the UI's Artifacts page, a version per run
 RUN_LOGGERS = ("dash_core", "flows")  # loggers whose records also go to the flow run's logs
 # The console already shows these lines, drawn above the progress bar; this logger carries them to the flow run's
@@ -71,7 +71,7 @@ class TrainingProgress:
             completed=iteration,
             description=(
                 f"reward {m['reward/mean']:.3f}  kept {m['train/kept_fraction']:.2f}  {m['time/iteration_s']:.3f}s/it = "
-                + " + ".join(f"{phase} {m[f'time/{phase}_s']:.3f}" for phase in PHASES)
+                + " + ".join(f"{phase} {m[f'time/{phase}_s']:.3f}" for phase in PHASES if f"time/{phase}_s" in m)
             ),
         )
 

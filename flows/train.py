@@ -1,45 +1,49 @@
-"""The `dash-train` flow: warm-up, then blocks of iterations with an evaluation after each block. One iteration is
-`dash_step` below: sample -> grade -> advantages + gradient filter -> write the batch -> learn -> sync, each phase
-timed; `TrainingRun.train` runs it with the bookkeeping around it (budgets, checkpoints, logging to MLflow).
+"""The `dash-train` flow: the library's training loop (`dash_core.loop`) run by the first process of a run, its
+parts (warm-up, blocks of iterations, evaluations) as Prefect tasks, its progress drawn in the terminal.
 
 Both UIs tell what a run did: the Prefect flow run holds its lines (evaluations, warnings, resume hints), the
 summary as a Markdown artifact and a persisted result (MLflow run id, final metrics); the MLflow run is named and
-tagged with the flow run, its deployment and the code's commit.
+tagged with the flow run, its deployment and the code's commit. The other processes of a run (`--learners N`,
+torchrun) run the same loop without Prefect.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import TypedDict
+from collections.abc import Callable
+from typing import TypedDict, TypeVar
 
 from prefect import flow
 from prefect.runtime import deployment, flow_run
 from prefect.utilities.urls import url_for
 
+from dash_core import loop
 from dash_core.config import DashConfig
 from dash_core.run import TrainingRun
-from dash_core.timing import steady_heap
 from flows.progress import TrainingProgress, mlflow_link, run_logs
-from tasks.training import evaluate, launch_servers, stop_servers, sync_weights, train_iterations, warm_up
+from tasks.training import loop_part
 
 ENTRYPOINT = "flows/train.py:dash_train"  # as prefect.yaml names it; MLflow shows it as the run's source
+R = TypeVar("R")
 
 
-def dash_step(run: TrainingRun, iteration: int) -> None:
-    """One DASH iteration, each phase timed as time/<phase>_s (then `TrainingRun.train` checkpoints and logs)."""
-    with run.phase("sample"):
-        rollouts = run.sample(iteration)  # the preemptive batch: M prompts x G completions in one go
-    with run.phase("reward"):
-        with run.phase("grade"):
-            grades = run.grade(rollouts)  # 1 for a right answer or passing program, else 0
-        with run.phase("advantages"):
-            batch = run.advantages(rollouts, grades)  # group-normalised; the gradient filter keeps |A| >= tau
-        with run.phase("write"):
-            manifest = run.write(batch)  # the rollout store, kept rows first: the run's write-ahead log
-    with run.phase("learn"):
-        run.learn(manifest)  # the learner reads the kept rows in its micro-batches: the rule's optimizer steps
-    with run.phase("sync"):
-        run.sync()  # the samplers take the new weights
+class FlowHooks(loop.Hooks):
+    """The loop as the Prefect UI and the terminal show it: each part a task run, progress and evaluations drawn."""
+
+    def __init__(self, progress: TrainingProgress):
+        self.progress = progress
+
+    def part(self, name: str, work: Callable[[], R]) -> R:
+        return loop_part(name, work)
+
+    def iteration(self, iteration: int, metrics: dict[str, float]) -> None:
+        self.progress.iteration(iteration, metrics)
+
+    def evaluation(self, iteration: int, scores: dict[str, float]) -> None:
+        self.progress.evaluation(iteration, scores)
+
+    def say(self, line: str, warning: bool = False) -> None:
+        self.progress.say(line, "red" if warning else "", logging.WARNING if warning else logging.INFO)
 
 
 class TrainResult(TypedDict):
@@ -64,43 +68,14 @@ def _train(config: DashConfig, resume: str | None) -> TrainResult:
     tags = source_tags()
     run = TrainingRun.resume(config, resume, tags) if resume else TrainingRun.start(config, tags)
     earlier = run.tracker.earliest("eval/") if resume else None  # the summary compares the run's first evaluation
-    progress = TrainingProgress(config.iterations, run.iteration, evals=[earlier] if earlier else [])
+    progress = TrainingProgress(config.iterations, run.state.iteration, evals=[earlier] if earlier else [])
     progress.say(f"run {run.run_id}: rollouts and checkpoints in {run.store.url}")
-    servers = []
-    with run.tracker.failing():
-        try:
-            if config.sampler.backend == "remote" and config.sampler.remote.launch:
-                servers = launch_servers(run)
-            sync_weights(run)  # samplers holding their own weights (servers given by URL, a resumed run) catch up
-            if config.warmup.steps and not run.warm:
-                run.log(warm_up(run), 0)
-            if run.evaluation_due():  # the start, or an evaluation a crash interrupted
-                scores = evaluate(run, run.iteration)
-                run.log(scores, run.iteration)
-                progress.evaluation(run.iteration, scores)
-            with progress, steady_heap():
-                while run.iteration < config.iterations and not run.budget_spent():
-                    next_eval = min((run.iteration // config.eval.every + 1) * config.eval.every, config.iterations)
-                    done = train_iterations(run, run.iteration + 1, next_eval, dash_step, progress.iteration)
-                    scores = evaluate(run, done)
-                    run.log(scores, done)
-                    progress.evaluation(done, scores)
-            run.save()
-        except BaseException:
-            run.save_what_is_learned()
-            stop = f"stopped at iteration {run.iteration}: resume with  dashrl train --resume {run.run_id}"
-            progress.say(stop, "red", logging.WARNING)
-            raise
-        finally:
-            if servers:
-                stop_servers(servers)
-            if run.sampler.events:
-                run.tracker.log_jsonl(list(run.sampler.events), "sampler_events.jsonl")
-    run.tracker.finish()
+    with progress:
+        loop.train(run, FlowHooks(progress))
     link = mlflow_link(config.tracking.uri, run.tracker.experiment_id, run.run_id)
-    progress.summary(run.run_id, run.samples_total, link)
+    progress.summary(run.run_id, run.state.samples_total, link)
     metrics = run.metrics | (progress.evals[-1][1] if progress.evals else {})
-    return TrainResult(run_id=run.run_id, iteration=run.iteration, samples=run.samples_total, metrics=metrics)
+    return TrainResult(run_id=run.run_id, iteration=run.state.iteration, samples=run.state.samples_total, metrics=metrics)
 
 
 def source_tags() -> dict[str, str]:

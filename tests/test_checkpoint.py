@@ -16,9 +16,9 @@ from helpers import TINY
 from dash_core.checkpoint import Checkpointer, load_latest
 from dash_core.config import DashConfig
 from dash_core.models import load_policy
+from dash_core import loop
 from dash_core.run import TrainingRun
 from dash_core.store import RunStore
-from flows.train import dash_step
 
 
 def weights_of(model_dir) -> dict[str, torch.Tensor]:
@@ -95,9 +95,9 @@ def test_checkpoints_by_iterations_or_by_minutes(tmp_path, small_config):
         config.checkpoint = {"every": every, "every_minutes": every_minutes, "keep": 5}
         config = DashConfig.model_validate(config.model_dump())
         run = TrainingRun.start(config)
-        run.train(config.iterations, dash_step)
+        loop.iterations(run, config.iterations)
         run.save()
-        run.tracker.finish()
+        run.finish()
         return sorted(p.rsplit("/", 1)[-1] for p in run.store.fs.ls(run.store.path("checkpoints")) if "iter_" in p)
 
     assert checkpoints(2, None) == ["iter_000002", "iter_000003"]  # every 2nd, and the final state

@@ -9,9 +9,9 @@ from helpers import TINY, chunks_of, make_batch
 
 from dash_core.config import AlgoConfig, DashConfig, LearnerConfig, load_config
 from dash_core.learner import Learner, completion_logprobs
-from dash_core.rules import RULES, UpdateRule, clipped_ratio, k3, policy_gradient
+from dash_core.rules import RULES, UpdateRule, clipped_ratio, k3, objective, policy_gradient
+from dash_core import loop
 from dash_core.run import TrainingRun
-from flows.train import dash_step
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +28,19 @@ def test_clipped_ratio_matches_hand_computation():
     # row 1 (A=-2): min(-1.0, -1.6) = -1.6 (clipped), min(-2.2, -2.2) = -2.2 -> -(-1.6 - 2.2)
     assert loss.sum().item() == pytest.approx(-(1.2 + 0.5) + (1.6 + 2.2))
     assert clipped.sum().item() == 2
+
+
+def test_samples_of_an_older_policy_weigh_by_truncated_importance_weights():
+    logp = torch.log(torch.tensor([[0.3, 0.6], [0.2, 0.1]])).requires_grad_()
+    old = torch.log(torch.tensor([[0.1, 0.6], [0.4, 0.01]]))  # ratios 3, 1 / 0.5, 10
+    chunk, mask = {"sampler_logprobs": old, "advantage": torch.tensor([1.0, -2.0])}, torch.ones(2, 2)
+    loss, _, _ = objective(RULES["pg"], logp, mask, chunk, None, clip_eps=0.2, beta=0.0, is_cap=2.0)
+    loss.backward()
+    weights = torch.tensor([[2.0, 1.0], [0.5, 2.0]])  # the ratios truncated at 2, constants of the gradient
+    assert torch.allclose(logp.grad, -weights * torch.tensor([[1.0], [-2.0]]))
+    assert loss.item() == pytest.approx(-(weights * torch.tensor([[1.0], [-2.0]]) * logp.detach()).sum().item())
+    clipped, _, _ = objective(RULES["grpo"], logp.detach(), mask, chunk, None, clip_eps=0.2, beta=0.0, is_cap=2.0)
+    assert clipped == objective(RULES["grpo"], logp.detach(), mask, chunk, None, clip_eps=0.2, beta=0.0)[0]  # its ratio corrects
 
 
 def test_k3_is_zero_at_the_reference_and_positive_elsewhere():
@@ -89,24 +102,17 @@ def test_kl_without_a_reference_is_an_error(policy_and_tokenizer):
         learner.step(chunks_of(make_batch(tokenizer), 4))
 
 
-def scored(run, rollouts):
-    """The reward phases of an iteration: the stored batch's manifest and the scores."""
-    run.metrics = {}
-    manifest = run.write(run.advantages(rollouts, run.grade(rollouts)))
-    return manifest, dict(run.metrics)
-
-
 def learned(run, manifest):
     run.metrics = {}
-    run.learn(manifest)
+    loop.learn(run, manifest)
     return run.metrics
 
 
 def one_iteration(config):
     run = TrainingRun.start(config)
-    run.warm_up()
-    manifest, scores = scored(run, run.sample(1))
-    return run, manifest, scores, learned(run, manifest)
+    loop.warm_up(run)
+    manifest = loop.produce(run, 1)  # sampled, graded, filtered and stored; the scores in its metrics
+    return run, manifest, manifest.metrics, learned(run, manifest)
 
 
 @pytest.mark.parametrize("beta", [0.0, 0.05])
@@ -138,24 +144,24 @@ def test_sft_on_human_solutions_lowers_their_loss(small_config):
     run = TrainingRun.start(config)
     losses = []
     for iteration in range(1, 9):
-        rollouts = run.sample(iteration)
+        rollouts = loop.sample(run, iteration, iteration - 1)
         assert rollouts.group == 1 and rollouts.generations[0].text == rollouts.problems[0].solution
-        manifest, scores = scored(run, rollouts)
-        assert manifest.kept == manifest.rows and scores["reward/mean"] == 1.0  # human solutions are right
+        manifest = loop.produce(run, iteration)
+        assert manifest.kept == manifest.rows and manifest.metrics["reward/mean"] == 1.0  # human solutions are right
         losses.append(learned(run, manifest)["train/loss"])
     assert losses[-1] < losses[0]
 
 
 def test_sft_from_a_teacher_keeps_only_correct_traces(small_config, tmp_path):
     teacher_run = TrainingRun.start(small_config)
-    teacher_run.warm_up()  # 150 supervised steps: right on some 1-digit sums, wrong on others
+    loop.warm_up(teacher_run)  # 150 supervised steps: right on some 1-digit sums, wrong on others
     teacher_dir = teacher_run.save_policy(str(tmp_path / "teacher"))
 
     config = small_config.model_copy(deep=True)
     config.algo = AlgoConfig(rule="sft", sft_source="teacher", teacher=teacher_dir)
     config.warmup.steps = 0
     run = TrainingRun.start(config)
-    manifest, scores = scored(run, run.sample(1))
+    manifest = loop.produce(run, 1)
     table = run.store.read_batch(1).to_pydict()
     assert 0 < manifest.kept < manifest.rows
     assert table["kept"] == [r == 1.0 for r in table["reward"]]
@@ -177,6 +183,6 @@ def test_a_new_rule_is_one_record_and_one_preset_file(small_config, tmp_path, mo
     for rule, presets in [("pg", []), ("toy", [tmp_path / "toy.yaml"])]:
         config = load_config(presets, [f"store.url={tmp_path / rule}", "algo.tau=0.0"], base=base)
         run = TrainingRun.start(config)
-        run.train(1, dash_step)
+        loop.iterations(run, 1)
         losses[rule] = run.tracker.history("train/loss")[1]
     assert losses["toy"] == pytest.approx(2 * losses["pg"], rel=1e-5)  # the same samples, twice the loss

@@ -7,7 +7,7 @@ from helpers import TINY
 
 from dash_core.checkpoint import Checkpointer
 from dash_core.models import load_policy
-from dash_core.store import RunStore
+from dash_core.store import BatchManifest, RunStore
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -79,3 +79,25 @@ def test_checkpoint_keep_counts_checkpoints_not_iterations(store):
     checkpointer.wait()
     kept = sorted(Path(p).name for p in store.fs.ls(store.path("checkpoints"), detail=False))
     assert kept == ["iter_000020", "iter_000030", "latest.json"]
+
+
+def test_a_batch_in_parts_serves_its_kept_rows_in_part_order(store):
+    """Two processes' parts: the kept rows are part 0's then part 1's, whatever chunks and ranges ask for them."""
+    columns = batch_columns()
+    first, second = ({key: values[a:b] for key, values in columns.items()} for a, b in ((0, 4), (4, 10)))
+    parts = [store.write_part(5, 0, first), store.write_part(5, 2, second)]
+    manifest = BatchManifest(5, parts, 10, sum(p.kept for p in parts), 0.5)
+    store.write_manifest(manifest)
+    assert store.manifest(5) == manifest and [p.kept for p in parts] == [2, 4]
+    kept = [a for a, k in zip(columns["advantage"], columns["kept"]) if k]  # each part's kept rows keep their order
+    assert store.kept_rows(manifest, ["advantage"])["advantage"] == kept
+    chunks = list(store.kept_chunks(manifest, size=3, columns=["advantage"], rows=range(1, 5)))
+    assert [a for c in chunks for a in c["advantage"]] == kept[1:5]
+    assert store.read_batch(5).num_rows == 10
+
+
+def test_a_manifest_of_one_file_written_before_parts_still_loads(store):
+    manifest = store.write_batch(2, batch_columns())
+    store.write_json("rollouts/iter_000002/manifest.json", {"iteration": 2, "path": manifest.parts[0].path, "rows": 10,
+                                                            "kept": 6, "reward_mean": 0.5, "metrics": {}})  # fmt: skip
+    assert store.manifest(2) == manifest

@@ -6,7 +6,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from dash_core.learner import Learner, NonFiniteLossError
-from dash_core.run import EverythingFilteredError, TrainingRun
+from dash_core.loop import EverythingFilteredError
+from dash_core.run import TrainingRun
 from dash_core.store import RunStore
 from flows.cli import main
 from flows.train import dash_train
@@ -116,9 +117,9 @@ def test_resume_takes_the_configs_learning_rate(prefect_api, small_config):
     config = small_config.model_copy(deep=True)
     config.learner.lr = 1e-7
     run = TrainingRun.resume(config, run_id)
-    run.tracker.finish()
+    run.finish()
     assert {group["lr"] for group in run.learner.optimizer.param_groups} == {1e-7}
-    assert run.samples_total == 2 * 4 * 4 and run.iteration == 2
+    assert run.state.samples_total == 2 * 4 * 4 and run.state.iteration == 2
 
 
 def test_cli_rejects_bad_config_before_any_work(capsys, tmp_path):
