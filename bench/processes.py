@@ -1,5 +1,5 @@
 """Processes and rollouts ahead on one machine: `dashrl train` as users run it (the `dash-train` flow, MLflow, the
-rollout store, a checkpoint every iteration, evaluations), in several layouts side by side, runs alternated.
+rollout store, checkpoints, evaluations), in several layouts side by side, runs alternated.
 
     dashrl bench processes [--modes solo1,solo,spmd,ahead1,ahead2 --iterations 50 --eval-every 25 --seeds 0 --rounds 2]
                            [--before DIR]   # also `leader`: --learners 2 of the code in DIR (an earlier checkout)
@@ -9,7 +9,7 @@ Modes (P processes x T torch threads each):
   spmd    2 x 1 (`--learners 2`): each process samples, grades, learns and evaluates its share
   leader  2 x 1 of the code in --before, where only the first process sampled and evaluated
   ahead1  1 x 1 with `sampler.max_staleness: 1`: a thread samples the next batch while this one learns (one core
-          each); ahead2: k = 2
+          each); ahead2: k = 2; auto: `max_staleness: auto`
 Every run starts from the embedded default's warmed-up policy (made once) and trains `--iterations` iterations of
 64 prompts x 8 completions, evaluating 500 held-out problems every `--eval-every`. Printed per mode (medians over
 iterations, means over runs): each phase's seconds per iteration (`time/*`; with rollouts ahead, sample and reward
@@ -39,6 +39,7 @@ import psutil
 import yaml
 
 from bench._shared import QUIET_ENV, embedded_config, warm_policy
+from dash_core.config import merge, parse_override
 
 ROOT = Path(__file__).resolve().parents[1]
 PHASES = ("sample", "reward", "wait", "learn", "sync", "checkpoint", "iteration")
@@ -49,7 +50,7 @@ HELDOUT = "eval/arithmetic"
 class Mode:
     processes: int
     threads: int
-    staleness: int = 0
+    staleness: int | str = 0  # sampler.max_staleness
     before: bool = False  # the code in --before
 
 
@@ -60,6 +61,7 @@ MODES = {
     "leader": Mode(2, 1, before=True),
     "ahead1": Mode(1, 1, staleness=1),
     "ahead2": Mode(1, 1, staleness=2),
+    "auto": Mode(1, 1, staleness="auto"),
 }
 
 
@@ -73,8 +75,15 @@ def train(mode: Mode, name: str, seed: int, args: argparse.Namespace, workdir: P
         overrides["threads"] = mode.threads  # several processes share the cores out themselves
     if mode.staleness:
         overrides["sampler"] = {"max_staleness": mode.staleness}
+    for text in args.overrides:
+        keys, value = parse_override(text)
+        for key in reversed(keys):
+            value = {key: value}
+        overrides = merge(overrides, value)
     config = embedded_config(workdir, **overrides)
-    (folder / "run.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    # only the fields set here: an earlier checkout refuses fields it does not know
+    fields = overrides | {"store": {"url": config.store.url}, "tracking": {"uri": config.tracking.uri, "experiment": name}}
+    (folder / "run.yaml").write_text(yaml.safe_dump(fields))
     tree = Path(args.before) if mode.before else ROOT
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | QUIET_ENV
     env |= {"PREFECT_HOME": str(folder / "prefect"), "PYTHONPATH": str(tree)}
@@ -152,6 +161,8 @@ def main() -> None:
     parser.add_argument("--before", help="a checkout of an earlier commit, for the `leader` mode")
     parser.add_argument("--workdir", help="folder for the runs (default: a temp folder)")
     parser.add_argument("--json", help="write every run's figures here")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run, e.g. checkpoint.every=10 (repeatable)")
     args = parser.parse_args()
     modes = args.modes.split(",")
     if "leader" in modes and not args.before:

@@ -45,7 +45,7 @@ class Costs:
     token_s: float  # learner seconds per token (forward + backward + optimizer, averaged)
     tokens: int  # tokens the learner computes per iteration
     fixed_s: float  # sync + checkpoint + bookkeeping per iteration, once
-    eval_rows: int = 0  # sequences an evaluation samples (greedy + sampled)
+    eval_s: float = 0.0  # an evaluation on one device (it splits as sampling does)
 
     def sample_s(self, rows: float) -> float:
         return self.steps * (self.step_s + self.row_s * rows)
@@ -80,7 +80,8 @@ def predict(c: Costs, layout: Layout, rows: int = ROWS) -> Prediction:
     samplers = layout.servers or (1 if layout.leader_only else n)  # devices that sample, each its share
     sample = c.sample_s(rows / samplers) + c.grade_s * rows / samplers
     learn = c.learn_s(1 / n)
-    evaluation = c.sample_s(c.eval_rows / samplers) if c.eval_rows else 0.0
+    sampled_all = c.sample_s(rows)
+    evaluation = c.eval_s * c.sample_s(rows / (1 if layout.leader_only else n)) / sampled_all
     if layout.staleness:  # the sampling side and the learning side overlap
         iteration = max(sample, learn + c.fixed_s)
         busy = {"first": learn + c.fixed_s, "others": learn, "samplers": sample}
@@ -96,9 +97,9 @@ def predict(c: Costs, layout: Layout, rows: int = ROWS) -> Prediction:
 
 
 # -- calibration on this machine ---------------------------------------------------------------------------------
-def measure_costs(solo: dict) -> Costs:
-    """Per-token costs of the embedded default's policy at one thread, from two batch sizes each; the fixed costs
-    of an iteration from a measured 1-process run (`solo`, from bench/processes.py)."""
+def fixed_shares(policy_dir: str) -> tuple[float, float]:
+    """The share of the sampler's and of the learner's time per batch that does not shrink with the batch: each
+    timed at one thread on the embedded default's batch and on half of it (the policy of `policy_dir`)."""
     import torch
 
     from dash_core.config import AlgoConfig, ArithmeticTaskConfig, LearnerConfig, ModelConfig
@@ -106,40 +107,43 @@ def measure_costs(solo: dict) -> Costs:
     from dash_core.learner import Learner
     from dash_core.models import load_policy
     from dash_core.prompts import encode_prompts
-    from dash_core.samplers import SamplingParams, TransformersSampler
+    from dash_core.samplers import SamplingParams, TransformersSampler, prompt_seed
 
     torch.set_num_threads(1)
-    policy, tokenizer = load_policy(ModelConfig(), seed=0)
-    problems = build_task(ArithmeticTaskConfig(), 0).train_problems(0, PROMPTS)
-    prompts = encode_prompts(tokenizer, problems)
-    sampler = TransformersSampler(policy, tokenizer)
-    params = SamplingParams(n=GROUP, max_new_tokens=NEW_TOKENS)
-
-    def seconds(call, repeats: int = 7) -> float:
-        call()
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            call()
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
-
-    full, half = (seconds(lambda k=k: sampler.generate(prompts[:k], params)) for k in (PROMPTS, PROMPTS // 2))
-    row_s = (full - half) / (ROWS / 2) / NEW_TOKENS
-    step_s = full / NEW_TOKENS - row_s * ROWS
-    generations = sampler.generate(prompts, params)
+    policy, tokenizer = load_policy(ModelConfig(name=policy_dir), seed=0)
+    prompts = encode_prompts(tokenizer, build_task(ArithmeticTaskConfig(), 0).train_problems(1, PROMPTS))
+    seeds = [prompt_seed(0, "rl:1", i) for i in range(PROMPTS)]
+    sampler, params = TransformersSampler(policy, tokenizer), SamplingParams(n=GROUP, max_new_tokens=NEW_TOKENS)
+    generations = sampler.generate(prompts, params, seeds)
     batch = {"prompt_ids": [p for p in prompts for _ in range(GROUP)], "completion_ids": [g.token_ids for g in generations],
-             "advantage": [1.0] * ROWS, "sampler_logprobs": [g.logprobs for g in generations]}  # fmt: skip
-    learner = Learner(policy, LearnerConfig(), AlgoConfig(), tokenizer.pad_token_id)
-    tokens = sum(len(p) + len(c) for p, c in zip(batch["prompt_ids"], batch["completion_ids"]))
-    halves = {key: values[: ROWS // 2] for key, values in batch.items()}
-    learn_full = seconds(lambda: learner.step(learner.micro_batches(batch)), 5)
-    learn_half = seconds(lambda: learner.step(learner.micro_batches(halves)), 5)
-    token_s = (learn_full - learn_half) / (tokens / 2)
-    fixed = solo["iteration_s"] - solo["sample_s"] - solo["reward_s"] - solo["learn_s"]  # sync, checkpoint, bookkeeping
-    return Costs(step_s=step_s, row_s=row_s, steps=NEW_TOKENS, grade_s=solo["reward_s"] / ROWS,
-                 learn_fixed_s=max(learn_full - token_s * tokens, 0.0), token_s=token_s, tokens=tokens, fixed_s=fixed,
-                 eval_rows=500 * 2)  # fmt: skip
+             "advantage": [(-1.0) ** i for i in range(ROWS)], "sampler_logprobs": [g.logprobs for g in generations]}  # fmt: skip
+    learner = Learner(policy, LearnerConfig(lr=1e-9), AlgoConfig(), tokenizer.pad_token_id)
+
+    def share(run) -> float:
+        full, half = (statistics.median(timed(lambda f=f: run(f)) for _ in range(7)) for f in (1.0, 0.5))
+        return max(0.0, 2 * half / full - 1)  # full = a + b, half = a + b / 2
+
+    sample_share = share(lambda f: sampler.generate(prompts[: int(PROMPTS * f)], params, seeds[: int(PROMPTS * f)]))
+    learn_share = share(lambda f: learner.step(learner.micro_batches({k: v[: int(ROWS * f)] for k, v in batch.items()})))
+    return sample_share, learn_share
+
+
+def timed(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def calibrated(solo: dict, shares: tuple[float, float]) -> Costs:
+    """The costs of one device from a measured 1-process, 1-thread run (`solo`: medians of its phases, from
+    bench/processes.py) and the fixed shares of sampling and learning."""
+    sample_share, learn_share = shares
+    sample_s = solo["sample_s"] / NEW_TOKENS
+    return Costs(step_s=sample_s * sample_share, row_s=sample_s * (1 - sample_share) / ROWS, steps=NEW_TOKENS,
+                 grade_s=solo["reward_s"] / ROWS, learn_fixed_s=solo["learn_s"] * learn_share,
+                 token_s=solo["learn_s"] * (1 - learn_share), tokens=1,
+                 fixed_s=max(solo["iteration_s"] - solo["sample_s"] - solo["reward_s"] - solo["learn_s"], 0.0),
+                 eval_s=solo["eval_s"])  # fmt: skip
 
 
 MEASURED_LAYOUTS = {
@@ -178,7 +182,7 @@ def gpu_costs(scale: float, sampler: str) -> Costs:
     step_s = step_1024 * scale - row_s * 1024
     tokens = int(1024 * 0.6 * 384)
     return Costs(step_s=step_s, row_s=row_s, steps=256, grade_s=2e-4, learn_fixed_s=0.05 * scale, token_s=scale / 83_000,
-                 tokens=tokens, fixed_s=0.2 * scale, eval_rows=0)  # fmt: skip
+                 tokens=tokens, fixed_s=0.2 * scale)  # fmt: skip
 
 
 GPU_LAYOUTS = [
@@ -194,6 +198,7 @@ GPU_LAYOUTS = [
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--measured", help="JSON of bench/processes.py (--json): calibrate here and check against it")
+    parser.add_argument("--policy", help="with --measured: the policy those runs trained (their workdir's warm-policy)")
     args = parser.parse_args()
     from rich.console import Console
     from rich.table import Table
@@ -201,7 +206,8 @@ def main() -> None:
     console = Console(width=200)
     if args.measured:
         measured = json.loads(Path(args.measured).read_text())
-        costs = measure_costs({k: statistics.fmean(r[k] for r in measured["solo1"]) for k in measured["solo1"][0] if k.endswith("_s")})
+        solo = {k: statistics.fmean(r[k] for r in measured["solo1"]) for k in measured["solo1"][0] if k.endswith("_s")}
+        costs = calibrated(solo, fixed_shares(args.policy))
         console.print(f"calibrated costs (1 thread): {costs}")
         table = Table(title="model vs measured on this machine (s per iteration, s per evaluation, idle fraction per process)")
         for column in ["layout", "predicted s/it", "measured s/it", "error", "predicted eval s", "measured eval s", "error",

@@ -6,7 +6,7 @@
 Both systems start from the embedded default's warm-started policy, see the same prompt stream (DASH's own
 `train_problems`, token ids checked equal), are rewarded by DASH's exact checker, and sample --prompts x --group
 completions per optimizer step at temperature 1 with --max-new-tokens, lr 3e-4, no KL, fp32, the same torch
-threads. DASH runs as `dashrl train` does (Prefect flow, MLflow, rollout store, a checkpoint every iteration); TRL
+threads. DASH runs as `dashrl train` does (Prefect flow, MLflow, rollout store, checkpoints as by default); TRL
 as `GRPOTrainer` configured to the same work: the whole batch sampled at once (`steps_per_generation`),
 token-level loss (`dapo`), group-scaled rewards, constant lr, gradient checkpointing off. Each run trains for the
 same wall-clock budget in a fresh process; its policy is then scored on the held-out set by DASH's evaluator.

@@ -43,7 +43,6 @@ from dash_core.traces import as_generations
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
-AUTO_MAX_STALENESS = 4  # the most `max_staleness: auto` lets rollouts run ahead (TRL's async default)
 AUTO_IDLE = 0.05  # the learner's idle fraction above which `auto` lets rollouts run further ahead
 
 
@@ -382,18 +381,27 @@ def _nothing_left(iterations: int, reward_mean: float) -> str:
 def choose_staleness(run: TrainingRun) -> int:
     """How far rollouts may run ahead in the next block: `sampler.max_staleness`, or with `auto`, from the last
     block's measurements (the first process's): one step further while the learner waits for rollouts and the
-    sampler-learner mismatch stays under half its bound, one step back once the mismatch passes the bound."""
+    sampler-learner mismatch stays under half its bound; one step back once the mismatch passes the bound, and
+    never that far again in the run (at a smaller k the mismatch of a larger one cannot be seen)."""
     setting, state = run.config.sampler.max_staleness, run.state
-    if setting != "auto" or not run.recent:
-        return state.staleness if setting == "auto" else setting
-    idle = statistics.fmean(m.get("time/wait_s", m["time/sample_s"] + m["time/reward_s"]) / m["time/iteration_s"] for m in run.recent)
+    if setting != "auto":
+        return setting
+    if not run.recent:
+        return state.staleness
+    idle = statistics.fmean(_waited(m) / m["time/iteration_s"] for m in run.recent)
     mismatch = statistics.fmean(m.get("train/mismatch_kl", 0.0) for m in run.recent)
     bound = run.config.sampler.max_mismatch_kl
-    if mismatch > bound:
-        return max(state.staleness - 1, 0)
-    if idle > AUTO_IDLE and mismatch < bound / 2:
-        return min(state.staleness + 1, AUTO_MAX_STALENESS)
+    if mismatch > bound and state.staleness:
+        state.staleness_ceiling = state.staleness - 1
+        return state.staleness - 1
+    if idle > AUTO_IDLE and mismatch < bound / 2 and state.staleness < state.staleness_ceiling:
+        return state.staleness + 1
     return state.staleness
+
+
+def _waited(metrics: dict[str, float]) -> float:
+    """How long the learner waited for an iteration's batch: for the sampling thread, or (on-policy) for sampling."""
+    return metrics["time/wait_s"] if "time/wait_s" in metrics else metrics["time/sample_s"] + metrics["time/reward_s"]
 
 
 class SamplingAhead:

@@ -54,6 +54,7 @@ class RunState:
     empty_iterations: int = 0  # iterations in a row whose groups were all filtered out
     warm: bool = False  # the policy holds the warm-up's result
     staleness: int = 0  # how many iterations rollouts may run ahead of the learner now (sampler.max_staleness)
+    staleness_ceiling: int = 4  # the most `max_staleness: auto` may choose (TRL's async default; lowered when the mismatch was too high)
 
     @classmethod
     def of_checkpoint(cls, checkpoint: Checkpoint) -> RunState:
