@@ -192,7 +192,7 @@ class LearnerConfig(Section):
         "ddp",
         description="with several learner processes (dashrl train --learners N, torchrun): ddp keeps the whole model, "
         "its gradients and Adam's state in each; fsdp (FSDP2) splits them across the processes, for a model whose "
-        "training state does not fit one device (the leader keeps one whole copy for sampling)",
+        "training state does not fit one device (each process keeps one whole copy to sample from)",
     )
 
 

@@ -235,7 +235,7 @@ class Learner:
         if cfg.activation_checkpointing:
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.mixed = cfg.precision == "bf16-mixed"  # float32 weights and Adam state, bfloat16 matmuls
-        self.partial = False  # some, not all, of a batch's optimizer steps are in the weights: no state to save
+        self.partial = False  # an optimizer step of the batch being learned is (maybe partly) in the weights
         self.token_budget = None if cfg.tokens_per_micro_batch == "auto" else cfg.tokens_per_micro_batch
         attention = getattr(policy.config, "_attn_implementation", None) or ""
         self.packed = cfg.packing if cfg.packing is not None else attention.startswith("flash_attention")
@@ -250,16 +250,11 @@ class Learner:
     def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
         """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics.
         In a team, each process learns from its share of each step's rows."""
-        self.partial = True
         steps: list[LearnStats] = []
         for rows in self.rule.optimizer_steps(manifest.kept, self.algo.ppo_steps):
             kept = store.kept_rows(manifest, LEARNER_COLUMNS, rows)
-            try:
-                stand_in = {key: values[:1] for key, values in kept.items()}
-                steps.append(self.step(self.micro_batches(self.team.share(kept)), stand_in))
-            except NonFiniteLossError:
-                self.partial = bool(steps)  # the guard takes no step: without earlier steps the weights are clean
-                raise
+            stand_in = {key: values[:1] for key, values in kept.items()}
+            steps.append(self.step(self.micro_batches(self.team.share(kept)), stand_in))
         self.partial = False
         return self.rule.reported(LearnStats.combine(steps).metrics(), self.algo.beta, self.is_cap is not None)
 
@@ -363,6 +358,7 @@ class Learner:
                 f"non-finite loss ({stats.loss_sum}) or gradient norm ({grad_norm}); the step was not taken. "
                 "Lower learner.lr, check the rewards for NaN, or use model.dtype=float32."
             )
+        self.partial = True  # until `learn` ends: an interruption from here on leaves no consistent state to save
         self.optimizer.step()
         stats.grad_norm = grad_norm
         return stats

@@ -32,8 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     _config_args(train)
     train.add_argument("--resume", metavar="RUN_ID", help="continue an MLflow run from its last checkpoint")
     train.add_argument("--learners", type=_positive, default=1, metavar="N",
-                       help="learner processes on this machine (data-parallel, one GPU each); under torchrun, "
-                            "leave it out: torchrun starts the processes")  # fmt: skip
+                       help="processes on this machine, each sampling and learning its share (one GPU each); "
+                            "under torchrun, leave it out: torchrun starts the processes")  # fmt: skip
 
     evaluate = commands.add_parser("eval", help="score a model: greedy and sampled accuracy, pass@k")
     _config_args(evaluate)

@@ -15,7 +15,7 @@ from dash_core.presets import preset_names
 from flows.cli import main
 from flows.sweep import dash_sweep
 
-PRESETS = ["dash", "grpo", "no_gf", "kl", "no_kl", "ppo_multi", "ppo_mini", "sft_h", "sft_m"]
+PRESETS = ["dash", "grpo", "no_gf", "kl", "no_kl", "ppo_multi", "ppo_mini", "sft_h", "sft_m"]  # the paper's
 PLOTS = [
     "reward_vs_wallclock.png", "accuracy_vs_wallclock.png", "length_vs_iteration.png",
     "abs_advantage_vs_iteration.png", "forward_backward_time.png", "pass_at_k.png",
@@ -45,7 +45,7 @@ def test_the_deployment_form_is_typed_and_described():
     assert [name for name, field in fields.items() if not field.get("description")] == []
 
     assert fields["presets"]["type"] == "array" and fields["presets"]["minItems"] == 1
-    assert definitions[fields["presets"]["items"]["$ref"].rsplit("/", 1)[1]]["enum"] == sorted(PRESETS)
+    assert definitions[fields["presets"]["items"]["$ref"].rsplit("/", 1)[1]]["enum"] == sorted([*PRESETS, "dash_async"])
     assert "math" not in preset_names()  # a base names a task or model; it is given with configs, not as a preset
     assert fields["seeds"]["items"] == {"type": "integer"} and fields["seeds"]["default"] == [0]
     assert fields["fan_out"]["type"] == "boolean" and fields["fan_out"]["default"] is False
@@ -61,11 +61,11 @@ def test_the_deployment_form_is_typed_and_described():
 
 
 def test_unknown_preset_fails_before_any_run(prefect_api, small_config, capsys):
-    with pytest.raises(ParameterTypeError, match=r"presets.1: Input should be 'dash', 'grpo'"):
+    with pytest.raises(ParameterTypeError, match=r"presets.1: Input should be 'dash', 'dash_async', 'grpo'"):
         dash_sweep(presets=["dash", "dahs"], base=small_config, experiment="bad")
     with pytest.raises(SystemExit):
         main(["sweep", "--presets", "dash,dahs", "--set", f"tracking.uri={small_config.tracking.uri}", "--name", "bad"])
-    assert "unknown preset 'dahs' (choose from dash, grpo" in capsys.readouterr().err
+    assert "unknown preset 'dahs' (choose from dash, dash_async, grpo" in capsys.readouterr().err
     assert MlflowClient(small_config.tracking.uri).get_experiment_by_name("bad") is None
 
 
