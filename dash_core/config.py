@@ -227,6 +227,14 @@ class EvalConfig(Section):
         return self
 
 
+class RewardConfig(Section):
+    sandbox: Literal["bubblewrap", "weak"] = Field(
+        "bubblewrap",
+        description="isolation of the programs a code reward runs: bubblewrap (a code run refuses to start where it "
+        "cannot run), or weak (without its namespaces and disk cap; the run is tagged dash.sandbox=weak)",
+    )
+
+
 class StoreConfig(Section):
     url: str | None = Field(
         None, description=f"fsspec URL of the rollout store: a local folder, s3://bucket/prefix, ...; unset: ${STORE_URL_VARIABLE}, else {DEFAULT_STORE_URL}"
@@ -280,6 +288,7 @@ class DashConfig(Section):
     learner: LearnerConfig = LearnerConfig()
     warmup: WarmupConfig = WarmupConfig()
     eval: EvalConfig = EvalConfig()
+    reward: RewardConfig = RewardConfig()
     store: StoreConfig = StoreConfig()
     tracking: TrackingConfig = TrackingConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()

@@ -12,6 +12,7 @@ from statistics import mean
 from dash_core.config import DashConfig
 from dash_core.data import build_task, eval_sets
 from dash_core.data.problem import Problem
+from dash_core.preflight import check_sandbox
 from dash_core.prompts import encode_prompts
 from dash_core.rewards.grading import grade
 from dash_core.samplers import Sampler, SamplingParams, policy_sampler
@@ -100,11 +101,17 @@ def eval_sampling(config: DashConfig) -> SamplingParams:
     return SamplingParams.from_config(config.sampler, e.n, temperature=e.temperature, max_new_tokens=e.max_new_tokens)
 
 
+def evaluation_sets(config: DashConfig) -> dict[str, list[Problem]]:
+    """What `dashrl eval` scores: `config.eval.datasets`, or when that is empty the task's held-out set."""
+    return eval_sets(config, None if config.eval.datasets else build_task(config.task, config.seed))
+
+
 def evaluate_model(config: DashConfig) -> dict[str, EvalResult]:
     """Score `config.model` on `config.eval.datasets` (or, when that is empty, the task's held-out set)."""
     sync_dir = tempfile.mkdtemp(prefix="dash-eval-")
     _, tokenizer, sampler = policy_sampler(config.model, config.sampler, config.seed, sync_dir)
-    sets = eval_sets(config, None if config.eval.datasets else build_task(config.task, config.seed))
+    sets = evaluation_sets(config)
+    check_sandbox(config, list(sets.values()))
     sampling = eval_sampling(config)
     for name, problems in sets.items():
         log.info("evaluating %s: %d problems, greedy and %d samples each, up to %d new tokens", name, len(problems), sampling.n,

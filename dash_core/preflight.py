@@ -5,6 +5,7 @@ be written. Each problem is one `ConfigError` line that names the field, what is
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import fsspec
@@ -14,6 +15,7 @@ from dash_core.config import ConfigError, DashConfig, ModelConfig, StoreConfig, 
 from dash_core.data import Problem, Task, build_task, eval_sets
 from dash_core.model_zoo import ZOO
 from dash_core.models import TINY
+from dash_core.rewards.code import allow_weak_sandbox, isolation_problem
 from dash_core.tracking import check_reachable, sqlite_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
@@ -24,6 +26,7 @@ def check_run(config: DashConfig) -> tuple[Task, dict[str, list[Problem]]]:
     check_model(config.model)
     check_device(config.model.device)
     data = load_data(config)
+    check_sandbox(config, problem_sets(data))
     check_store(config.store)
     check_tracking(config.tracking)
     return data
@@ -70,6 +73,25 @@ def load_data(config: DashConfig) -> tuple[Task, dict[str, list[Problem]]]:
         return task, eval_sets(config, task)
     except (FileNotFoundError, ValueError) as exc:
         raise ConfigError(f"task / eval.datasets: {exc}") from None
+
+
+def problem_sets(data: tuple[Task, dict[str, list[Problem]]]) -> list[list[Problem]]:
+    """A run's kinds of problem: the training task's first problem and every evaluation set."""
+    task, sets = data
+    return [task.train_problems(0, 1), *sets.values()]
+
+
+def runs_code(problem_sets: Iterable[list[Problem]]) -> bool:
+    return any(problem.kind == "code" for problems in problem_sets for problem in problems)
+
+
+def check_sandbox(config: DashConfig, problem_sets: list[list[Problem]]) -> None:
+    """Programs a code reward runs are isolated by bubblewrap, or by nothing at all: where it cannot run here, a run
+    that grades code refuses to start unless reward.sandbox=weak accepts the weaker sandbox. This process's code
+    grading follows that choice from here on."""
+    allow_weak_sandbox(config.reward.sandbox == "weak")
+    if config.reward.sandbox == "bubblewrap" and runs_code(problem_sets) and (problem := isolation_problem()):
+        raise ConfigError(f"reward.sandbox=bubblewrap: {problem}")
 
 
 def check_store(cfg: StoreConfig) -> None:

@@ -24,7 +24,7 @@ from dash_core.config import ConfigError, DashConfig
 from dash_core.data import Problem, Task
 from dash_core.learner import Learner
 from dash_core.models import save_model
-from dash_core.preflight import check_run, load_data
+from dash_core.preflight import check_run, check_sandbox, load_data, problem_sets, runs_code
 from dash_core.prompts import encode_prompts
 from dash_core.rules import RULES
 from dash_core.samplers import SamplingParams, policy_sampler
@@ -42,6 +42,11 @@ ITERATION_KEY = "reward/mean"  # logged by every iteration: the steps MLflow hol
 def run_name(config: DashConfig) -> str:
     """A run's name when the config gives none: update rule, model, task and seed (a sweep names runs by preset)."""
     return f"{config.algo.rule}-{config.model.name.rstrip('/').rsplit('/', 1)[-1]}-{config.task.name}-seed{config.seed}"
+
+
+def _with_sandbox(tags: dict[str, str] | None, config: DashConfig, data: tuple[Task, dict[str, list[Problem]]]) -> dict[str, str] | None:
+    """`tags`, and for a run whose reward executes code, which sandbox runs it (weak: the user's opt-out)."""
+    return {**(tags or {}), "dash.sandbox": config.reward.sandbox} if runs_code(problem_sets(data)) else tags
 
 
 @dataclass
@@ -174,7 +179,7 @@ class TrainingRun:
         model, data file, device, store or tracking URI fails before anything is created."""
         config.require_standalone()
         data = check_run(config)
-        tracker = Tracker.create(config, tags, default_name=run_name(config))
+        tracker = Tracker.create(config, _with_sandbox(tags, config, data), default_name=run_name(config))
         with tracker.failing():
             tracker.watch_system(config.tracking.system_metrics_every_s, resumed=False)
             tracker.log_datasets(dataset_inputs(config, *data))
@@ -190,7 +195,7 @@ class TrainingRun:
         replays the updates of the rollout batches stored since, so no completed iteration is lost and none is
         logged twice."""
         data = check_run(config)
-        tracker = Tracker.reopen(config.tracking, run_id, tags)
+        tracker = Tracker.reopen(config.tracking, run_id, _with_sandbox(tags, config, data))
         store = RunStore(config.store.url, run_id, config.store.storage_options)
         with tempfile.TemporaryDirectory() as tmp, tracker.failing():
             tracker.watch_system(config.tracking.system_metrics_every_s, resumed=True)
@@ -215,7 +220,9 @@ class TrainingRun:
         opening: Opening = member.agree(None)
         config = DashConfig.model_validate(opening.config)
         store = RunStore(config.store.url, opening.run_id, config.store.storage_options)
-        run = cls(config, member, None, store, load_data(config))
+        data = load_data(config)
+        check_sandbox(config, problem_sets(data))
+        run = cls(config, member, None, store, data)
         if opening.state:
             run.restore(opening.state, opening.optimizer)
         return run

@@ -137,10 +137,12 @@ def resolve_config(args: argparse.Namespace) -> DashConfig:
 
         check_run(config)  # before Prefect starts: one line per bad input, no flow-run traceback
     elif args.command == "eval":
-        from dash_core.preflight import check_device, check_model, check_tracking
+        from dash_core.evaluation import evaluation_sets
+        from dash_core.preflight import check_device, check_model, check_sandbox, check_tracking
 
         check_model(config.model)
         check_device(config.model.device)
+        check_sandbox(config, list(evaluation_sets(config).values()))
         check_tracking(config.tracking)
     return config
 

@@ -7,6 +7,16 @@
 # the server runs fine on Prefect's fastapi (the project's tests start real vLLM servers to check it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# bubblewrap isolates the programs a code reward runs; without it a code run refuses to start (reward.sandbox).
+if command -v bwrap >/dev/null; then
+  :
+elif command -v apt-get >/dev/null && [ "$(id -u)" -eq 0 ]; then
+  { apt-get install -y --no-install-recommends bubblewrap || { apt-get update && apt-get install -y --no-install-recommends bubblewrap; }; } >/dev/null \
+    && echo "setup: installed bubblewrap (the code sandbox)" || echo "setup: could not install bubblewrap; code runs need it (or reward.sandbox=weak)"
+else
+  echo "setup: bubblewrap is not installed and this script cannot install it (not root, or no apt-get): install it" \
+       "with your package manager (e.g. sudo apt-get install bubblewrap) before training on code, or set reward.sandbox=weak"
+fi
 python3 -m venv .venv
 pip=".venv/bin/pip"
 $pip install --quiet --upgrade pip

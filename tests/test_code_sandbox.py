@@ -16,7 +16,7 @@ import pytest
 from py_landlock import LandlockError, get_abi_version
 
 import dash_core.rewards.code.sandbox as sandbox
-from dash_core.rewards.code import STATUSES, mbpp_plus_tests, mbpp_tests, run_many, run_tests
+from dash_core.rewards.code import STATUSES, SandboxUnavailable, allow_weak_sandbox, mbpp_plus_tests, mbpp_tests, run_many, run_tests
 
 DATA = Path(__file__).resolve().parent / "data"  # excerpts shipped with the tests
 ADD = "def add(a, b):\n    return a + b\n"
@@ -552,7 +552,7 @@ def test_no_tcp_fast_open() -> None:
     assert result.status == "failed"
 
 
-@pytest.mark.skipif(sandbox._bwrap() is None, reason="the run's total disk use is capped by bubblewrap's tmpfs")
+@pytest.mark.skipif(sandbox.isolation_problem() is not None, reason="the run's total disk use is capped by bubblewrap's tmpfs")
 def test_total_disk_use_is_capped() -> None:
     writer = (
         "written = 0\n"
@@ -615,10 +615,21 @@ def test_memory_cap_covers_the_whole_run() -> None:
     assert run_tests(splitter, "assert used_mb >= 1024\n", timeout_s=20, memory_mb=512).status == "failed"
 
 
-def test_without_bubblewrap_it_warns_and_still_judges(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
-    sandbox._bwrap.cache_clear()
+def test_bubblewrap_is_the_sandbox_that_runs_in_ci() -> None:
+    if not os.environ.get("CI"):
+        pytest.skip("outside CI, a machine may lack bubblewrap: the tests below cover that path")
+    assert sandbox.isolation_problem() is None
+
+
+def test_without_bubblewrap_it_refuses_unless_the_weak_sandbox_is_chosen(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+    sandbox._bwrap_probe.cache_clear()
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     try:
+        with pytest.raises(SandboxUnavailable, match=r"apt-get install bubblewrap.*reward.sandbox=weak"):
+            run_tests(ADD, ADD_TESTS)
+        with pytest.raises(SandboxUnavailable):
+            run_many([(ADD, ADD_TESTS)] * 3)
+        allow_weak_sandbox()
         with caplog.at_level(logging.WARNING, logger=sandbox.__name__):
             assert run_tests(ADD, ADD_TESTS).status == "passed"
         assert "bubblewrap" in caplog.text
@@ -640,5 +651,6 @@ def test_without_bubblewrap_it_warns_and_still_judges(monkeypatch: pytest.Monkey
         )
         assert run_tests(escape, "assert opened or forked\n").status == "failed"
     finally:
+        allow_weak_sandbox(False)
         monkeypatch.undo()
-        sandbox._bwrap.cache_clear()
+        sandbox._bwrap_probe.cache_clear()

@@ -8,7 +8,11 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from dash_core.config import TrackingConfig
+import dash_core.rewards.code.sandbox as sandbox
+from dash_core.config import TrackingConfig, load_config
+from dash_core.preflight import check_run
+from dash_core.rewards.code import allow_weak_sandbox, run_tests
+from dash_core.run import _with_sandbox
 from dash_core.tracking import Tracker
 from flows.cli import main
 
@@ -71,3 +75,33 @@ def test_runs_started_at_once_in_a_fresh_folder_share_one_database(tmp_path):
     tracker = Tracker.new_run(TrackingConfig(uri=uri), None, {})  # and the database still works afterwards
     tracker.finish()
     assert len(MlflowClient(uri).search_runs([MlflowClient(uri).get_experiment_by_name("dash").experiment_id])) == 4
+
+
+@pytest.fixture
+def no_bubblewrap(monkeypatch):
+    """A machine without bwrap, as a fresh one is."""
+    sandbox._bwrap_probe.cache_clear()
+    monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
+    yield
+    monkeypatch.undo()
+    allow_weak_sandbox(False)
+    sandbox._bwrap_probe.cache_clear()
+
+
+def test_a_code_run_without_bubblewrap_refuses_to_start_unless_the_weak_sandbox_is_chosen(no_bubblewrap, tmp_path, capsys):
+    store, db = tmp_path / "store", tmp_path / "mlflow.db"
+    where = ["--set", f"store.url={store}", "--set", f"tracking.uri=sqlite:///{db}"]
+    mbpp = ["--set", "task.name=mbpp", "--set", f"task.path={DATA / 'mbpp.jsonl'}", "--set", "task.split=train",
+            "--set", "eval.datasets=" + json.dumps([{"name": "mbpp", "path": str(DATA / "mbpp.jsonl")}])]  # fmt: skip
+    for command in (["train", *where, *mbpp], ["eval", "--dataset", "mbpp", "--data-path", str(DATA / "mbpp.jsonl"), *where]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "reward.sandbox=bubblewrap: bubblewrap (bwrap) is not installed" in err and len(err.strip().splitlines()) == 1, err
+        assert "apt-get install bubblewrap" in err and "reward.sandbox=weak" in err
+        assert not store.exists() and not db.exists()
+
+    assert check_run(load_config(None, [f"store.url={store}"])) is not None  # arithmetic runs no code: nothing to isolate
+    weak = load_config(None, [f"store.url={store}", "reward.sandbox=weak", *mbpp[1::2]])
+    data = check_run(weak)
+    assert _with_sandbox({"dash.kind": "train"}, weak, data) == {"dash.kind": "train", "dash.sandbox": "weak"}
+    assert run_tests("def add(a, b):\n    return a + b\n", "assert add(1, 2) == 3\n").passed  # the weaker sandbox runs it

@@ -10,7 +10,7 @@ Modules, in the order a run goes through them:
 - plan.py: which statements the judge runs and which the sandbox does; the function under test.
 - split.py: one statement cut at the parts that need the program; the names a statement reads and binds.
 - sandbox.py: launching one run: environment, bubblewrap (layer 1), the seccomp filter (layer 5), collecting its
-  records, the time limit, the warned fallback without bubblewrap.
+  records, the time limit; without bubblewrap, a refusal (fail closed) or, when chosen, the warned weaker fallback.
 - harness.py: the script that runs inside the sandbox: layers 2 to 6, then the program and the tests' ops.
 - values.py: values across the boundary: JSON by exact type, anything else an opaque placeholder.
 - judge.py: replaying the judged statements on the returned values, with the judge's namespace and builtins.
@@ -32,9 +32,12 @@ from dataclasses import dataclass
 from .harness import _DETAIL_CHARS
 from .judge import _judge
 from .plan import _plan, _shadowed
-from .sandbox import _run_sandboxed
+from .sandbox import SandboxUnavailable, _run_sandboxed, allow_weak_sandbox, isolation_problem
 
-__all__ = ["STATUSES", "CodeResult", "GraderError", "mbpp_plus_tests", "mbpp_tests", "run_many", "run_tests"]
+__all__ = [
+    "STATUSES", "CodeResult", "GraderError", "SandboxUnavailable", "allow_weak_sandbox", "isolation_problem",
+    "mbpp_plus_tests", "mbpp_tests", "run_many", "run_tests",
+]  # fmt: skip
 
 STATUSES = ("passed", "failed", "timeout", "error", "crashed")
 
@@ -64,6 +67,8 @@ def run_tests(program: str, tests: str, timeout_s: float = 10.0, memory_mb: int 
     """
     try:
         return _run_tests_once(program, tests, timeout_s, memory_mb)
+    except SandboxUnavailable:
+        raise  # not transient: the machine lacks the isolation, and the message says how to get it
     except Exception as error:
         _log.warning("code grading failed (%s: %s); trying once more", type(error).__name__, error)
     try:

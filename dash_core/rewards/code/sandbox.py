@@ -8,8 +8,10 @@ set up here (1, and 5's filter) and by the harness itself (2 to 6, described in 
    that holds only the Python installation, the system libraries and the harness's two files (harness.py and
    values.py), read-only; /tmp, the run's only writable directory, a private tmpfs of 64 MiB (the cap on the run's
    whole disk use); its own /proc and /dev. Killing bwrap ends the PID namespace, and with it everything the run
-   started; the IPC namespace and tmpfs go too. Where bwrap cannot run, a warning is logged once and the run uses a
-   fresh directory on the host's disk instead, where only each file's size is capped; the other layers are unchanged.
+   started; the IPC namespace and tmpfs go too. Where bwrap cannot run, no program runs (SandboxUnavailable names
+   the fix) unless the weaker sandbox was chosen (`allow_weak_sandbox`, a run's `reward.sandbox: weak`): then a
+   warning is logged once and the run uses a fresh directory on the host's disk instead, where only each file's
+   size is capped; the other layers are unchanged.
 5. seccomp, a filter compiled by libseccomp (pyseccomp) in the judge and loaded by the harness: no sockets of any
    family (socket, socketpair, io_uring), no new processes (fork, vfork, clone without CLONE_THREAD; clone3 answers
    ENOSYS so that threads fall back to clone), no SysV or POSIX IPC objects, memfd or keyring entries (nothing outlives
@@ -68,13 +70,58 @@ def _syscall_filter() -> bytes:
         return program.read()
 
 
-@functools.cache
+class SandboxUnavailable(RuntimeError):
+    """bubblewrap cannot run here and the weaker sandbox was not chosen: no program is run (fail closed)."""
+
+
+_weak_allowed = False  # reward.sandbox: weak
+
+
+def allow_weak_sandbox(allowed: bool = True) -> None:
+    """Where bubblewrap cannot run, run programs without it (layers 2 to 6 only) instead of refusing them: the
+    `reward.sandbox: weak` opt-out, which a run records as its `dash.sandbox` tag."""
+    global _weak_allowed
+    _weak_allowed = allowed
+    _warn_weak.cache_clear()  # each choice of it warns once, at its first program
+
+
+def isolation_problem() -> str | None:
+    """Why bubblewrap cannot isolate programs here, with the ways out; None where it can."""
+    command, reason = _bwrap_probe()
+    if command:
+        return None
+    return (
+        f"{reason}. Code rewards run programs the policy wrote; without bubblewrap's namespaces they share the "
+        "network, the processes and the disk of the trainer. Install it (apt-get install bubblewrap; "
+        "scripts/setup.sh does where it runs as root), allow unprivileged user namespaces where the kernel blocks "
+        "them (sysctl kernel.apparmor_restrict_unprivileged_userns=0 or kernel.unprivileged_userns_clone=1), or "
+        "accept the weaker sandbox with reward.sandbox=weak"
+    )
+
+
 def _bwrap() -> tuple[str, ...] | None:
-    """bubblewrap's command line up to the command, or None (warned once) where it cannot run here."""
+    """bubblewrap's command line up to the command; None (warned once) where it cannot run here and the weaker
+    sandbox was chosen; SandboxUnavailable otherwise."""
+    command, _ = _bwrap_probe()
+    if command:
+        return command
+    if not _weak_allowed:
+        raise SandboxUnavailable(isolation_problem())
+    _warn_weak()
+    return None
+
+
+@functools.cache
+def _warn_weak() -> None:
+    _log.warning("reward.sandbox=weak: %s", _bwrap_probe()[1] + "; programs run without namespaces or a disk cap")
+
+
+@functools.cache
+def _bwrap_probe() -> tuple[tuple[str, ...] | None, str]:
+    """bubblewrap's command line up to the command and "", or None and why it cannot run here."""
     path = shutil.which("bwrap")
     if path is None:
-        _log.warning("bubblewrap (bwrap) is not installed: the code sandbox runs without namespaces or a disk cap")
-        return None
+        return None, "bubblewrap (bwrap) is not installed"
     command = (path, *_bwrap_arguments())
     try:
         probe = subprocess.run([*command, sys.executable, *_ISOLATION, "-c", "pass"], capture_output=True, timeout=60)
@@ -82,9 +129,8 @@ def _bwrap() -> tuple[str, ...] | None:
     except (OSError, subprocess.TimeoutExpired) as error:
         probe, reason = None, f"{type(error).__name__}: {error}"
     if probe is None or probe.returncode != 0:
-        _log.warning("bubblewrap cannot run here (%s): the code sandbox runs without namespaces or a disk cap", reason)
-        return None
-    return command
+        return None, f"bubblewrap cannot run here ({reason})"
+    return command, ""
 
 
 def _bwrap_arguments() -> list[str]:
