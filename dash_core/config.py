@@ -87,6 +87,11 @@ class DatasetConfig(Section):
     split: str | None = Field(None, description="train / test / all; None takes the set's usual split")
     size: int | None = Field(None, gt=0, description="a seeded random subset of this many problems")
     prompt_template: str | None = Field(None, description="'{question}' is replaced by the problem text")
+    prompt_tests: Literal["one", "published"] = Field(
+        "one",
+        description="how many of a code problem's tests its prompt shows: one example (a program that hard-codes it "
+        "fails the rest), or the set's published format (MBPP: its three asserts, which are the whole grade)",
+    )
 
 
 def _task_kind(value: Any) -> str:

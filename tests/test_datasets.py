@@ -1,5 +1,6 @@
 """Dataset loading and prompts: shipped excerpts (tests/data), the full offline copies when present, and errors."""
 
+import ast
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ from dash_core.data import DatasetTask
 from dash_core.data.datasets import load_problems, read_records
 from dash_core.models import char_tokenizer
 from dash_core.prompts import encode_prompts
+from dash_core.rewards.grading import grade
 
 DATA = Path(__file__).parent / "data"
 SHARED = Path(__file__).parents[2] / "shared" / "data"
@@ -98,3 +100,33 @@ def test_full_offline_copies_load():
     assert len(load_problems("gsm8k", str(SHARED / "gsm8k_train.jsonl"))) == 7_473
     assert len(load_problems("mbpp", str(SHARED / "mbpp.jsonl"))) == 500
     assert len(load_problems("mbppplus", str(SHARED / "MbppPlus-OriginFmt.jsonl.gz"))) == 378
+
+
+def _hard_coded(asserts: list[str]) -> str:
+    """The program a policy writes to pass exactly the asserts it was shown (`assert f(args) == expected`)."""
+    calls = [ast.parse(line).body[0].test for line in asserts]
+    lines = [f"def {calls[0].left.func.id}(*args):"]
+    for call in calls:
+        lines += [f"    if args == {ast.unparse(ast.Tuple(call.left.args))}:", f"        return {ast.unparse(call.comparators[0])}"]
+    return "\n".join(lines) + "\n"
+
+
+def _simple(asserts: list[str]) -> bool:
+    tests = [ast.parse(line).body[0] for line in asserts]
+    return all(isinstance(t, ast.Assert) and isinstance(t.test, ast.Compare) and isinstance(t.test.left, ast.Call) for t in tests)
+
+
+def test_mbpp_prompts_show_one_test_so_hard_coding_it_earns_nothing():
+    rows = {row["task_id"]: row for row in read_records(DATA / "mbpp.jsonl")}
+    one = load_problems("mbpp", str(DATA / "mbpp.jsonl"), split="test")
+    published = load_problems("mbpp", str(DATA / "mbpp.jsonl"), split="test", prompt_tests="published")
+    asserts = [rows[int(p.id.removeprefix("mbpp/"))]["test_list"] for p in one]
+    simple = [(p, q, a) for p, q, a in zip(one, published, asserts) if _simple(a)][:6]
+    assert len(simple) == 6
+    for train, shown_all, asserts in simple:
+        assert train.prompt.count("assert ") == 1 and asserts[0] in train.prompt and train.tests.count("assert ") == 3
+        assert shown_all.prompt.count("assert ") == 3 and shown_all.tests == train.tests
+    rewards = grade([p for p, _, _ in simple], [_hard_coded(a[:1]) for _, _, a in simple]).rewards
+    assert rewards == [0.0] * 6  # the one shown assert hard-coded fails the other two
+    rewards = grade([p for p, _, _ in simple], [_hard_coded(a) for _, _, a in simple]).rewards
+    assert rewards == [1.0] * 6  # what the published prompt gave away: why training shows one

@@ -19,7 +19,7 @@ class DatasetTask:
     def __init__(self, cfg: DatasetConfig, seed: int):
         self.name = cfg.name
         self.seed = seed
-        self.problems = load_problems(cfg.name, cfg.path, cfg.split or "train", cfg.size, seed, cfg.prompt_template)
+        self.problems = load_problems(cfg.name, cfg.path, cfg.split or "train", cfg.size, seed, cfg.prompt_template, cfg.prompt_tests)
 
     def train_problems(self, index: int, count: int, stream: str = "rl") -> list[Problem]:
         n = len(self.problems)
@@ -41,5 +41,5 @@ def eval_sets(config: DashConfig, task: Task | None) -> dict[str, list[Problem]]
     sets = {task.name: task.heldout_problems(config.eval.size)} if isinstance(task, ArithmeticTask) else {}
     for d in config.eval.datasets:
         split = d.split or ("test" if task is not None and d.name == task.name else None)
-        sets[d.name] = load_problems(d.name, d.path, split, d.size, config.seed, d.prompt_template)
+        sets[d.name] = load_problems(d.name, d.path, split, d.size, config.seed, d.prompt_template, d.prompt_tests)
     return sets

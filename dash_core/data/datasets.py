@@ -36,11 +36,11 @@ class DatasetSpec:
     hub: str  # hub id for datasets.load_dataset
     hub_config: str | None
     default_split: str
-    to_problem: Callable[[dict[str, Any], int], Problem | None]
+    to_problem: Callable[[dict[str, Any], int, str], Problem | None]  # row, index, prompt_tests (see load_problems)
     in_split: Callable[[dict[str, Any], str], bool] = lambda row, split: True  # for files that hold several splits
 
 
-def _math(row: dict[str, Any], index: int) -> Problem | None:
+def _math(row: dict[str, Any], index: int, prompt_tests: str) -> Problem | None:
     answer = row.get("answer") or extract_boxed(row.get("solution") or "")
     if not answer:
         return None
@@ -50,7 +50,7 @@ def _math(row: dict[str, Any], index: int) -> Problem | None:
     )  # fmt: skip
 
 
-def _gsm8k(row: dict[str, Any], index: int) -> Problem:
+def _gsm8k(row: dict[str, Any], index: int, prompt_tests: str) -> Problem:
     answer = reference_answer(row["answer"])
     rationale = re.sub(r"<<[^>]*>>", "", row["answer"].rsplit("####", 1)[0]).strip()
     return Problem(
@@ -59,20 +59,26 @@ def _gsm8k(row: dict[str, Any], index: int) -> Problem:
     )  # fmt: skip
 
 
-def _mbpp(row: dict[str, Any], index: int) -> Problem:
+def _mbpp(row: dict[str, Any], index: int, prompt_tests: str) -> Problem:
+    """MBPP's published prompt shows its three asserts, which are the whole grade: a program returning the three
+    expected outputs would pass. By default the prompt shows the first, as MBPP+'s does."""
     question = row.get("text") or row["prompt"]
     return Problem(
-        id=f"mbpp/{row['task_id']}", prompt=question + "\nYour code should pass these tests:\n" + "\n".join(row["test_list"]),
+        id=f"mbpp/{row['task_id']}", prompt=question + _shown(row["test_list"] if prompt_tests == "published" else row["test_list"][:1]),
         tests=mbpp_tests(row), solution=f"```python\n{row['code']}\n```", kind="code",
     )  # fmt: skip
 
 
-def _mbpp_plus(row: dict[str, Any], index: int) -> Problem:
+def _mbpp_plus(row: dict[str, Any], index: int, prompt_tests: str) -> Problem:
     task_id = str(row["task_id"]).removeprefix("Mbpp/")
     return Problem(
-        id=f"mbppplus/{task_id}", prompt=row["prompt"] + "\nYour code should pass this test:\n" + row["test_list"][0],
+        id=f"mbppplus/{task_id}", prompt=row["prompt"] + _shown(row["test_list"][:1]),
         tests=mbpp_plus_tests(row), solution=f"```python\n{row['code'].strip()}\n```", kind="code",
     )  # fmt: skip
+
+
+def _shown(asserts: list[str]) -> str:
+    return f"\nYour code should pass {'these tests' if len(asserts) > 1 else 'this test'}:\n" + "\n".join(asserts)
 
 
 def _mbpp_split(row: dict[str, Any], split: str) -> bool:
@@ -146,8 +152,10 @@ def load_problems(
     size: int | None = None,
     seed: int = 0,
     template: str | None = None,
+    prompt_tests: str = "one",
 ) -> list[Problem]:
-    """Problems of set `name` (a key of DATASETS), optionally a seeded random subset of `size`."""
+    """Problems of set `name` (a key of DATASETS), optionally a seeded random subset of `size`. `prompt_tests`: how
+    many of a code problem's tests its prompt shows, "one" or the set's "published" format (MBPP: all three)."""
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
     spec = DATASETS[name]
@@ -159,7 +167,7 @@ def load_problems(
     problems = []
     for i, (where, row) in enumerate(records):
         try:
-            if spec.in_split(row, split) and (problem := spec.to_problem(row, i)):
+            if spec.in_split(row, split) and (problem := spec.to_problem(row, i, prompt_tests)):
                 problems.append(problem)
         except (KeyError, TypeError, ValueError) as exc:
             fields = f"field {exc}" if isinstance(exc, KeyError) else f"value ({exc})"
