@@ -345,6 +345,28 @@ def test_mbpp_plus_canonical_solutions_pass_and_a_wrong_one_fails() -> None:
     assert run_tests(wrong, mbpp_plus_tests(first)).status == "failed"
 
 
+@pytest.mark.parametrize(
+    ("expected", "right", "wrong"),
+    [(240.0, "240.0", "[]"), ([], "[]", "3.0"), ((1.5, 2.5), "(1.5, 2.5)", "[1.5, 2.5]"), ([1.0, 2.0], "[1.0, 2.0]", "[[1.0, 2.0]]"),
+     ([1.0, 2.0], "[1.0, 2.0]", "[1.0]"), (2.5, "2.5", "(2.5,)")],
+    ids=["empty-for-float", "float-for-empty", "list-for-tuple", "nested-list", "shorter", "tuple-for-float"],
+)  # fmt: skip
+def test_a_tolerance_compares_only_values_of_one_type_and_shape(expected, right: str, wrong: str) -> None:
+    """MBPP+'s checker calls np.allclose when the output differs from a float expectation, and numpy broadcasts:
+    `np.allclose([], 3.14)` is True. The judge's numpy compares within a tolerance only what EvalPlus would."""
+    row = next(row for row in _rows("mbppplus_originfmt.jsonl.gz") if row["task_id"] == 14)  # float results
+    checker = mbpp_plus_tests(row).split("\ninputs = ")[0]  # the row's imports and its `assertion`
+    cases = f"\nfor inp, exp in zip([[0]], [{expected!r}]):\n    assertion(f(*inp), exp, 0)\n"
+    assert run_tests(f"def f(x):\n    return {right}\n", checker + cases).passed
+    assert run_tests(f"def f(x):\n    return {wrong}\n", checker + cases).status == "failed"
+
+
+def test_math_isclose_compares_only_values_of_one_type() -> None:
+    tests = "import math\nassert math.isclose(f(0), 240.0, rel_tol=1e-6)\n"
+    assert run_tests("def f(x):\n    return 240.0\n", tests).passed
+    assert run_tests("def f(x):\n    return 240\n", tests).status == "failed"  # EvalPlus's type rule, as numpy's
+
+
 def test_mbpp_tests_run_setup_code_first() -> None:
     rows = [row for row in _rows("mbpp.jsonl") if row["test_setup_code"]]
     results = run_many([(row["code"], mbpp_tests(row)) for row in rows], timeout_s=20)

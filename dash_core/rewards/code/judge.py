@@ -6,6 +6,10 @@ split.py rewrites each judged statement so that every part that needs the progra
 effects outside pure computation) and modules (a few pure ones: math, numpy, ...). For a statement that ran whole in
 the sandbox, the judge checks only that it did not raise.
 
+Comparisons within a tolerance (numpy's allclose and isclose, math.isclose) judge only values of one type and
+shape: EvalPlus's harness asserts `type(out) == type(exp)` and equal lengths before np.allclose, and the judge holds
+that at every depth (`_comparable`), where MBPP+'s own checker omits it and numpy broadcasts.
+
 No token proves completion: a value that is missing, unreadable or forged is judged like any other, so exiting early,
 printing "passed" or reading the harness's frames gains nothing. The judge stops at the first failure, and at the
 run's time limit (a data set's reference function can be slow).
@@ -14,12 +18,13 @@ run's time limit (a data set's reference function can be slow).
 from __future__ import annotations
 
 import builtins
+import functools
 import importlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .values import _decode
 
@@ -51,7 +56,54 @@ def _judge_import(
     """The judge's `__import__`: only its own modules, so the tests' imports cannot reach the host."""
     if level or name.partition(".")[0] not in _JUDGE_MODULES:
         raise ImportError(f"the judge does not import {name}")
-    return importlib.__import__(name, globals, locals, fromlist, level)
+    return _strict(importlib.__import__(name, globals, locals, fromlist, level))
+
+
+def _comparable(out: object, expected: object, top: bool = True) -> bool:
+    """Whether a comparison within a tolerance may judge `out` against `expected`: EvalPlus's rule before
+    np.allclose (`type(out) == type(exp)`, equal lengths), at every depth, where numbers may be int or float below
+    the top. Without it numpy broadcasts: `np.allclose([], 3.14)` is True, so `return []` passed float tasks."""
+    if type(out) is not type(expected):
+        return not top and type(out) in (int, float) and type(expected) in (int, float)
+    if isinstance(expected, (list, tuple)):
+        return len(out) == len(expected) and all(_comparable(o, e, top=False) for o, e in zip(out, expected))
+    return getattr(out, "shape", None) == getattr(expected, "shape", None)  # arrays: no broadcasting either
+
+
+def _within_tolerance(compare: Callable[..., Any]) -> Callable[..., Any]:
+    """`compare(out, expected, ...)`, a comparison within a tolerance, only where `_comparable` allows it."""
+
+    @functools.wraps(compare)
+    def strict(out: object, expected: object, *args: Any, **kwargs: Any) -> Any:
+        return _comparable(out, expected) and compare(out, expected, *args, **kwargs)
+
+    return strict
+
+
+class _Strict(ModuleType):
+    """A module as the tests see it in the judge: its own names, with its tolerance comparisons strict."""
+
+    def __init__(self, module: ModuleType, *comparisons: str) -> None:
+        super().__init__(module.__name__, module.__doc__)
+        self.__dict__.update({name: _within_tolerance(getattr(module, name)) for name in comparisons})
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)
+
+
+_STRICT_COMPARISONS = {"math": ("isclose",), "numpy": ("allclose", "isclose")}
+
+
+def _strict(module: ModuleType) -> ModuleType:
+    if module.__name__ not in _STRICT_COMPARISONS:
+        return module
+    return _strict_module(module.__name__)
+
+
+@functools.cache
+def _strict_module(name: str) -> ModuleType:
+    return _Strict(importlib.import_module(name), *_STRICT_COMPARISONS[name])
 
 
 _JUDGE_BUILTINS = {name: value for name, value in vars(builtins).items() if name not in _SANDBOX_ONLY}
@@ -68,7 +120,7 @@ def _judge_namespace(modules: tuple[str, ...]) -> dict:
 def _bind(namespace: dict, modules: set[str] | tuple[str, ...]) -> None:
     """Bind modules the tests use without importing them (the program did), as the judge's own imports."""
     for name in modules:
-        namespace.setdefault(name, importlib.import_module(name))
+        namespace.setdefault(name, _strict(importlib.import_module(name)))
 
 
 class _Stop(Exception):
