@@ -16,6 +16,7 @@ import pytest
 from py_landlock import LandlockError, get_abi_version
 
 import dash_core.rewards.code.sandbox as sandbox
+from dash_core.rewards.code.values import _decode
 from dash_core.rewards.code import STATUSES, SandboxUnavailable, allow_weak_sandbox, mbpp_plus_tests, mbpp_tests, run_many, run_tests
 
 DATA = Path(__file__).resolve().parent / "data"  # excerpts shipped with the tests
@@ -365,6 +366,21 @@ def test_math_isclose_compares_only_values_of_one_type() -> None:
     tests = "import math\nassert math.isclose(f(0), 240.0, rel_tol=1e-6)\n"
     assert run_tests("def f(x):\n    return 240.0\n", tests).passed
     assert run_tests("def f(x):\n    return 240\n", tests).status == "failed"  # EvalPlus's type rule, as numpy's
+
+
+def test_returned_sets_whose_elements_share_one_hash_are_refused_before_they_are_built() -> None:
+    """A set of k * (2**61 - 1) costs quadratic time to build (all hash to 0): 8k took 0.41 s in the trainer's
+    process, 16 MiB of them about half an hour, inside one C call holding the GIL. Decoding refuses it first."""
+    colliding = [k * (2**61 - 1) for k in range(1, 50_000)]
+    for body in ({"set": colliding}, {"frozenset": colliding}, {"dict": [[k, 0] for k in colliding]}):
+        with pytest.raises(ValueError, match="share a hash"):
+            _decode(json.dumps(["value", body]))
+    assert _decode(json.dumps(["value", {"set": [-1, -2, 3]}])) == ["value", {-1, -2, 3}]  # hash(-1) == hash(-2)
+    with pytest.raises(TimeoutError):
+        _decode(json.dumps([{"dict": [[i, i]]} for i in range(1000)]), deadline=time.monotonic() - 1)
+    program = "def f():\n    return {k * (2**61 - 1) for k in range(1, 3000)}\n"
+    result = run_tests(program, "assert f() == {1}\n")
+    assert result.status == "failed" and "share a hash" in result.detail
 
 
 def test_mbpp_tests_run_setup_code_first() -> None:

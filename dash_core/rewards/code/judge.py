@@ -139,21 +139,23 @@ class _Outputs:
     ended: tuple[str, str]  # the status and reason for a value that is missing
     stderr: str
 
-    def get(self, index: int) -> list:
+    def get(self, index: int, deadline: float) -> list:
         if index >= len(self.records):
             raise _Stop(*self.ended)
         try:
-            record = _decode(self.records[index])
-        except (ValueError, TypeError, RecursionError, OverflowError):
-            raise _Stop("failed", "unreadable output from the program") from None
+            record = _decode(self.records[index], deadline)
+        except TimeoutError:
+            raise _Stop("timeout", "reading the returned values took longer than the time limit") from None
+        except (ValueError, TypeError, RecursionError, OverflowError) as error:
+            raise _Stop("failed", f"unreadable output from the program ({error})") from None
         if type(record) is not list or not record:
             raise _Stop("failed", "unreadable output from the program")
         if record[0] == "raised" and len(record) == 3:
             raise _Stop(_RAISED_STATUS.get(str(record[1]), "error"), f"{record[1]}: {record[2]}".rstrip(": "))
         return record
 
-    def value(self, index: int) -> object:
-        record = self.get(index)
+    def value(self, index: int, deadline: float) -> object:
+        record = self.get(index, deadline)
         if record[0] != "value" or len(record) != 2:
             raise _Stop("failed", "unreadable output from the program")
         return record[1]
@@ -171,7 +173,7 @@ class _Replay:
             raise _Stop("timeout", "judging the outputs took longer than the time limit")
 
     def out(self, k: int) -> object:
-        return self.outputs.value(self.base + (self.iteration - 1) * self.sites + k)
+        return self.outputs.value(self.base + (self.iteration - 1) * self.sites + k, self.deadline)
 
 
 def _judge(plan: _Plan, outputs: _Outputs, deadline: float) -> tuple[str, str]:
@@ -179,12 +181,12 @@ def _judge(plan: _Plan, outputs: _Outputs, deadline: float) -> tuple[str, str]:
     namespace = _judge_namespace(plan.modules)
     step = None
     try:
-        outputs.get(0)  # the program itself
+        outputs.get(0, deadline)  # the program itself
         for step in plan.steps:
             base = 1 + step.first_op
             if step.judge is None or step.sites == 0:  # statements run in the sandbox: did they raise?
                 for index in range(base, base + step.ops):
-                    outputs.get(index)
+                    outputs.get(index, deadline)
             if step.judge is not None:
                 replay = _Replay(outputs, base, step.sites, deadline)
                 namespace[_TICK], namespace[_OUT] = replay.tick, replay.out

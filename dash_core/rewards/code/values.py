@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import sys
+import time
 from collections.abc import Callable
 
 
@@ -33,6 +35,7 @@ _MAPPINGS: dict[str, Callable] = {"dict": dict, "OrderedDict": collections.Order
 _MAPPINGS["Counter"] = lambda pairs: collections.Counter(dict(pairs))  # Counter(pairs) would count them
 _MAPPINGS["defaultdict"] = lambda pairs: collections.defaultdict(None, pairs)
 _SEQUENCE_TYPES = tuple(_SEQUENCES.values())
+_HASHED = {"set", "frozenset"}
 _MAPPING_TYPES = (dict, collections.Counter, collections.OrderedDict, collections.defaultdict)
 
 
@@ -65,9 +68,30 @@ def _encode(value: object, strict: bool = False) -> object:
     return walk(value)
 
 
-def _decode(text: str | bytes) -> object:
-    """Parse JSON written by _encode into the judge's own types; ValueError or TypeError for anything else."""
-    return json.loads(text, object_hook=_untag)  # lists stay lists; every JSON object must be a tag
+def _decode(text: str | bytes, deadline: float = math.inf) -> object:
+    """Parse JSON written by _encode into the judge's own types, by `deadline` (time.monotonic(); else TimeoutError);
+    ValueError or TypeError for anything else. Bounded: the text is at most the run's 16 MiB of records, JSON's
+    parser is linear, and no set or dict is built whose hash table would take quadratic time."""
+
+    def untag(item: dict) -> object:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        return _untag(item)
+
+    return json.loads(text, object_hook=untag)  # lists stay lists; every JSON object must be a tag
+
+
+# Distinct elements of one set (keys of one dict) with one hash: a few occur in real data (hash(-1) == hash(-2)); many
+# make the table quadratic to build: 8k integers k * (2**61 - 1) took 0.41 s, 16 MiB of them about half an hour.
+_MAX_SHARED_HASH = 16
+
+
+def _hashed(elements: list) -> list:
+    """`elements`, unless too many share one hash for a set or dict of them to be built in linear time."""
+    shared = collections.Counter(map(hash, elements)).most_common(1)  # a dict of hashes, equal or far apart: linear
+    if shared and shared[0][1] > _MAX_SHARED_HASH:
+        raise ValueError(f"{shared[0][1]} elements of one set or dict share a hash: building it would take quadratic time")
+    return elements
 
 
 def _untag(item: dict) -> object:
@@ -75,8 +99,9 @@ def _untag(item: dict) -> object:
         raise ValueError("not encoded data")
     ((tag, body),) = item.items()
     if tag in _SEQUENCES and type(body) is list:
-        return _SEQUENCES[tag](body)
+        return _SEQUENCES[tag](_hashed(body) if tag in _HASHED else body)
     if tag in _MAPPINGS and type(body) is list:
+        _hashed([pair[0] for pair in body if type(pair) is list and pair])
         return _MAPPINGS[tag](body)
     if tag == "int" and type(body) is str:
         return int(body, 16)
