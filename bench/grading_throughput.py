@@ -6,7 +6,9 @@ training batch is (`dash_core.rewards.grading.grade`).
 The answers and programs come from the project's test excerpts (tests/data: 20 MATH-500 problems, 20 MBPP+
 tasks), which every checkout has, so figures compare across machines and nights. Math: each problem's reference
 solution (right) and the next problem's (wrong; most of these reach math-verify's symbolic check, the grader's
-costly step). Code: each task's reference program against its MBPP+ tests, in parallel sandboxes. One untimed round
+costly step). Code: each task's reference program (right) and the next task's program under this task's function
+name (wrong), against this task's MBPP+ tests, in parallel sandboxes; a judge that passes everything scores 0.5
+as expected. One untimed round
 first (it starts the grader's worker processes), then --rounds timed ones. Printed: items per second, and the
 fraction graded as expected (a broken grader is fast, so speed alone says little).
 """
@@ -14,6 +16,7 @@ fraction graded as expected (a broken grader is fast, so speed alone says little
 from __future__ import annotations
 
 import argparse
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,15 +41,23 @@ class Throughput:
 
 
 def batch(kind: str) -> tuple[list[Problem], list[str], list[float]]:
-    """Problems, completions and the rewards they should get: every problem with its own solution, and for math
-    also with the next problem's (right only where both answers are the same)."""
+    """Problems, completions and the rewards they should get: every problem with its own solution, and with the
+    next problem's (math: right only where both answers are the same; code: wrong, under this one's name)."""
     name, file = SETS[kind]
     problems = load_problems(name, path=str(DATA / file), split="all" if kind == "code" else None)
     pairs = [(p, p.solution, 1.0) for p in problems]
+    shifted = problems[1:] + problems[:1]
     if kind == "math":
-        shifted = problems[1:] + problems[:1]
         pairs += [(p, q.solution, float(p.answer == q.answer)) for p, q in zip(problems, shifted)]
+    else:
+        pairs += [(p, _posing_as(q, p), 0.0) for p, q in zip(problems, shifted)]
     return [p for p, _, _ in pairs], [c for _, c, _ in pairs], [r for _, _, r in pairs]
+
+
+def _posing_as(program_of: Problem, task: Problem) -> str:
+    """`program_of`'s reference program, with `task`'s function name bound to its function."""
+    own, theirs = (re.search(r"assertion\((\w+)\(\*inp\)", p.tests).group(1) for p in (program_of, task))
+    return program_of.solution.removesuffix("```") + f"{theirs} = {own}\n```"
 
 
 def throughput(kind: str, rounds: int) -> Throughput:
