@@ -10,7 +10,9 @@ costly step). Code: each task's reference program (right) and the next task's pr
 name (wrong), against this task's MBPP+ tests, in parallel sandboxes; a judge that passes everything scores 0.5
 as expected. One untimed round
 first (it starts the grader's worker processes), then --rounds timed ones. Printed: items per second, and the
-fraction graded as expected (a broken grader is fast, so speed alone says little).
+fraction graded as expected (a broken grader is fast, so speed alone says little). Then a hostile batch: 512
+pathological math answers (repeated pieces, nesting, lengths up to and past the 1,000-character cap) graded with the
+training default's batch deadline (10 s), which it must keep to within a second.
 """
 
 from __future__ import annotations
@@ -60,6 +62,34 @@ def _posing_as(program_of: Problem, task: Problem) -> str:
     return program_of.solution.removesuffix("```") + f"{theirs} = {own}\n```"
 
 
+# Pieces a policy repeats on its own or on purpose, answers up to the grader's 1,000-character cap and past it.
+HOSTILE_PIECES = ["x\\cdot", "\\alpha", "\\frac{1}{", "{", "(", "1 ", "1,", " 000", "\\sqrt{", "^{2}", "a=", "\\text{ a"]
+HOSTILE_ENDS = ["", "b", "=", " = 3", "\\in 3", "}"]
+HOSTILE_LENGTHS = [40, 80, 200, 1000, 1001, 4000]
+
+
+def hostile_batch(size: int = 512) -> tuple[list[Problem], list[str]]:
+    """`size` pathological answers (repetitions, nesting, pathological lengths) against MATH-500 references."""
+    name, file = SETS["math"]
+    problems = load_problems(name, path=str(DATA / file))
+    answers = [
+        piece * (length // len(piece)) + end
+        for piece in HOSTILE_PIECES for end in HOSTILE_ENDS for length in HOSTILE_LENGTHS
+    ]  # fmt: skip
+    answers = [answers[i % len(answers)] for i in range(size)]
+    return [problems[i % len(problems)] for i in range(size)], [f"\\boxed{{{a}}}" for a in answers]
+
+
+def hostile(deadline_s: float = 10.0) -> tuple[float, int]:
+    """Seconds to grade the hostile batch of 512 with a batch deadline of `deadline_s` (the training default), and
+    how many of its answers the deadline cut off."""
+    problems, completions = hostile_batch()
+    grade(problems[:2], completions[:2])  # the grader's worker processes start
+    start = time.perf_counter()
+    grades = grade(problems, completions, math_deadline_s=deadline_s)
+    return time.perf_counter() - start, grades.cut_off
+
+
 def throughput(kind: str, rounds: int) -> Throughput:
     """Grade `kind`'s batch once untimed, then `rounds` times timed."""
     problems, completions, expected = batch(kind)
@@ -90,6 +120,9 @@ def main() -> None:
             label, str(result.items), f"{result.seconds:.2f}", f"{result.per_s:.1f}", f"{result.as_expected:.3f}"
         )
     Console(width=140).print(table)
+    seconds, cut_off = hostile()
+    print(f"hostile math batch: 512 pathological answers graded in {seconds:.2f} s (batch deadline 10 s; "
+          f"{cut_off} cut off by it)")
 
 
 if __name__ == "__main__":

@@ -55,8 +55,10 @@ _UNIT_WORDS = (
 _UNITS = re.compile(
     rf"(?<=[\d}}.])\s*(?:(?:square|sq\.?|cubic)\s*)?(?:{_UNIT_WORDS})(?:\s*\^\s*\{{?[23]\}}?)?\s*$", re.IGNORECASE
 )
-# Names on the left of a single "=" or \in: x, a_1, \theta, AB, f(x), P(A), \angle ABC, m\angle B, (x, y).
-_NAME = r"(?:m?\\angle\s*)?(?:[a-zA-Z]|\\[a-zA-Z]+)+(?:_\{?\w+\}?)?(?:\([a-zA-Z,\s]*\))?|\([a-zA-Z,\s]+\)"
+# Names on the left of a single "=" or \in: x, a_1, \theta, AB, f(x), P(A), \angle ABC, m\angle B, (x, y). A command
+# is matched whole (the lookahead): "\alpha" read as "\al" + "p" + "ha" and every other split made a repeated
+# piece backtrack exponentially ("\alpha" x 12 + "b": 204 s in the trainer's process, holding the GIL).
+_NAME = r"(?:m?\\angle\s*)?(?:[a-zA-Z]|\\[a-zA-Z]+(?![a-zA-Z]))+(?:_\{?\w+\}?)?(?:\([a-zA-Z,\s]*\))?|\([a-zA-Z,\s]+\)"
 _VARIABLE = re.compile(rf"^\s*(?:{_NAME})\s*(?:=|\\in(?![a-zA-Z]))\s*(?=\S)")
 _PREAMBLE = re.compile(r"^(?:the\s+)?(?:final\s+)?answer(?:\s+is)?\s*[:=]?\s*(?=\S)", re.IGNORECASE)
 _MINUS_SIGNS = str.maketrans(dict.fromkeys("\u2010\u2011\u2012\u2013\u2014\u2212\ufe63\uff0d", "-"))  # dashes too
@@ -79,7 +81,7 @@ _SLASH = re.compile(r"(-?)(\d+)/(\d+)")
 _BARE_POINT = re.compile(r"(?<!\d)\.(?=\d)")
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _CHOICE = re.compile(r"\(([A-Za-z])\)")
-_DECIMAL = re.compile(r"-?(?:\d+\.?\d*|\.\d+)")
+_DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRACTION = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 _DEPTH_CHANGE = {"{": 1, "}": -1}
