@@ -44,7 +44,24 @@ _SPACING = re.compile(r"(?<!\\)\\[!,;: ]|\\q?quad(?![a-zA-Z])|~")
 _FRAC_STYLE = re.compile(r"\\[dt]frac(?![a-zA-Z])")
 _SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])")
 _UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{\s+[A-Za-z][A-Za-z\s.]*\}(?:\^\{?[23]\}?)?\s*$")
-_TEXT = re.compile(r"\\(?:text|textbf|textit|textrm|textnormal|mathrm|mathbf|mbox|operatorname)\{([^{}]*)\}")
+_TEXT = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textnormal|textsf|texttt|textup|emph|underline|mathrm|mathbf|mathit|mathsf|mathtt"
+    r"|mathnormal|boldsymbol|bm|ensuremath|mbox|hbox|operatorname)\{([^{}]*)\}"
+)
+# Markup that never changes a value: colours, display styles, labels. What it wraps stays, as a bare group.
+_MARKUP = re.compile(
+    r"\\(?:textcolor|colorbox)\{[^{}]*\}|\\color\{[^{}]*\}|\\label\{[^{}]*\}|\\(?:display|text|script)style(?![a-zA-Z])"
+)
+_BARE_GROUP = re.compile(r"(?<![\\\w^_}])\{([^{}]*)\}")  # {4}, not \frac{1}{2}, x^{2}, \{2, 4\}
+# Answers that hedge: several values where one is asked, a negation, a bound or an estimate of the value. A box
+# holding one is wrong unless the reference is written with it too ("(-\infty, 2) \cup (3, \infty)").
+_HEDGE = re.compile(
+    r"\\(?:cup|cap|setminus|neg|lnot)(?![a-zA-Z])|[∪∩¬]|\b(?:or|and|either|neither|nor|not|but|except|more|less|fewer"
+    r"|least|most|than|over|under|up to|about|around|approximately|roughly|nearly|almost|maybe|perhaps|possibly"
+    r"|probably)\b",
+    re.IGNORECASE,
+)
+_REPEATING = re.compile(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}")  # 0.\overline{3}, 0.1\overline{6}
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°")
 _PERCENT_OR_DOLLAR = re.compile(r"\\?[%$]")
 _UNIT_WORDS = (
@@ -153,9 +170,10 @@ def _clean(answer: str) -> str:
     s = _SPACING.sub(" ", s)
     s = _FRAC_STYLE.sub(r"\\frac", s)
     s = _SIZING.sub("", s)
-    s = _UNIT_TEXT.sub("", s)
-    for _ in range(3):  # \text{\textbf{...}}
-        s = _TEXT.sub(r"\1", s)
+    s = _MARKUP.sub("", s)
+    s = _UNIT_TEXT.sub(lambda unit: unit.group() if _HEDGE.search(unit.group()) else "", s)  # not "\text{ or more}"
+    for _ in range(3):  # \text{\textbf{...}}, \text{{4}}
+        s = _TEXT.sub(r"\1", _BARE_GROUP.sub(r"\1", s))
     s = _PREAMBLE.sub("", s.strip())
     s = _DEGREES.sub("", s)
     s = _PERCENT_OR_DOLLAR.sub("", s)
@@ -168,9 +186,13 @@ def _clean(answer: str) -> str:
 
 def _refused(gold: str, pred: str) -> bool:
     r"""Wrong answers that would pass for a part of them: math-verify reads just the last side of a relation ("3 = 4",
-    "x \approx 2", "3 \to 4" as 4 or 2), and the canonical key drops the space in "1 0"."""
+    "x \approx 2", "3 \to 4" as 4 or 2) and one value of a hedge ("2 \cup 4", "4 \text{ or more}", "\neg 4"), and the
+    canonical key drops the space in "1 0"."""
     unclaimed = any(sign.search(pred) and not sign.search(gold) for sign in (_RELATION, _APPROXIMATE))
-    return unclaimed or _SPLIT_DIGITS.search(pred) is not None
+    hedges = {word.lower() for word in _HEDGE.findall(pred)} - {word.lower() for word in _HEDGE.findall(gold)}
+    if "," in gold:
+        hedges.discard("and")  # "2 and 3" lists the values "2, 3" lists
+    return unclaimed or bool(hedges) or _SPLIT_DIGITS.search(pred) is not None
 
 
 def _canonical(clean: str) -> str:
@@ -190,9 +212,14 @@ def _canonical(clean: str) -> str:
 
 
 def _rational(key: str) -> Fraction | None:
-    """The exact value of a plain integer, decimal or integer fraction; None for anything else."""
+    """The exact value of a plain integer, decimal (repeating too) or integer fraction; None for anything else."""
     if _DECIMAL.fullmatch(key):
         return Fraction(key)
+    if repeating := _REPEATING.fullmatch(key):  # 0.1\overline{6} = 0.1 + 0.0\overline{6}
+        sign, whole, fixed, period = repeating.groups()
+        value = int(whole or 0) + Fraction(int(fixed or 0), 10 ** len(fixed))
+        value += Fraction(int(period), 10 ** len(fixed) * (10 ** len(period) - 1))
+        return -value if sign else value
     fraction = _FRACTION.fullmatch(key)
     if fraction is None or int(fraction.group(3)) == 0:
         return None
