@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.models import save_model
@@ -143,14 +144,13 @@ def load_latest(store: RunStore, local_dir: str | Path) -> Checkpoint | None:
     """Copy the newest checkpoint that proves itself into a folder of `local_dir` (its `model_dir`); None when the
     run has none.
 
-    Newer checkpoints that fail their manifest are skipped with a warning naming the problem."""
+    Newer checkpoints that fail their manifest, or whose weights or trainer state do not load or hold NaN or inf,
+    are skipped with a warning naming the problem."""
     names = sorted((Path(p).name for p in _listing(store) if Path(p).name.startswith("iter_")), reverse=True)
     pointer = _pointer(store)
-    has_manifests = any(store.exists("checkpoints", name, MANIFEST) for name in names)
+    legacy = not any(store.exists("checkpoints", name, MANIFEST) for name in names)
     for name in names:
         folder = Path(local_dir) / name
-        pointed_at = pointer == {"iteration": int(name.removeprefix("iter_")), "path": f"checkpoints/{name}"}
-        legacy = pointed_at and not has_manifests
         try:
             checkpoint = _verified(store, f"checkpoints/{name}", folder, legacy)
         except InvalidCheckpoint as exc:
@@ -161,6 +161,22 @@ def load_latest(store: RunStore, local_dir: str | Path) -> Checkpoint | None:
             log.warning("checkpoints/latest.json (%s) does not point at the newest valid checkpoint; using %s", pointer, name)
         return checkpoint
     return None
+
+
+def _check_weights(folder: Path) -> None:
+    """Every weight file loads and holds only finite numbers: a run must never resume from NaN weights."""
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise InvalidCheckpoint("it holds no weights (*.safetensors)")
+    for path in files:
+        try:
+            with safe_open(str(path), framework="pt") as weights:
+                for key in weights.keys():
+                    tensor = weights.get_tensor(key)
+                    if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+                        raise InvalidCheckpoint(f"{path.name}: {key} holds NaN or inf")
+        except SafetensorError as exc:
+            raise InvalidCheckpoint(f"{path.name} does not load ({exc})") from None
 
 
 def _listing(store: RunStore) -> list[str]:
@@ -175,10 +191,11 @@ def _pointer(store: RunStore) -> Any:
 
 
 def _verified(store: RunStore, relpath: str, folder: Path, legacy: bool) -> Checkpoint:
-    """Download a checkpoint and check every file against its manifest, and the iteration it claims everywhere.
+    """Download a checkpoint and check every file against its manifest, the iteration it claims everywhere, and
+    that its weights and trainer state load, every weight finite.
 
-    `legacy`: the pointer names it and no checkpoint of the run has a manifest, so it was written before
-    checkpoints had them (a newer one's pointer always follows its manifest): it loads, unverified."""
+    `legacy`: no checkpoint of the run has a manifest (written before checkpoints had them, or the manifests were
+    lost), so only what loads can be checked; where some have one, one without never finished its write."""
     iteration = int(relpath.rsplit("_", 1)[-1])
     folder.mkdir(parents=True, exist_ok=True)
     try:
@@ -186,7 +203,7 @@ def _verified(store: RunStore, relpath: str, folder: Path, legacy: bool) -> Chec
     except FileNotFoundError:
         if not legacy:
             raise InvalidCheckpoint("no manifest: its write never finished") from None
-        log.warning("checkpoint %s predates checksums: loading it unverified", store.path(relpath))
+        log.warning("checkpoint %s has no manifest (it predates checksums, or it was lost): checking only that it loads", store.path(relpath))
         store.get_dir(relpath, folder)
         manifest = {"iteration": iteration, "files": {}}
     except ValueError as exc:
@@ -201,6 +218,7 @@ def _verified(store: RunStore, relpath: str, folder: Path, legacy: bool) -> Chec
         found = _fingerprint(folder / file)
         if found != expected:
             raise InvalidCheckpoint(f"{file} does not match its checksum ({found['bytes']} bytes, {expected['bytes']} expected)")
+    _check_weights(folder)
     try:
         state = torch.load(folder / TRAINER_STATE, weights_only=False)
     except Exception as exc:  # truncated or garbled: whatever the unpickler raised

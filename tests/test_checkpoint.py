@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from helpers import TINY
 
 from dash_core.checkpoint import Checkpointer, load_latest
@@ -160,6 +161,50 @@ def test_a_damaged_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, caplo
     assert warning in caplog.text
 
 
+def nan_weights(folder):
+    path = folder / "model.safetensors"
+    weights = load_file(path)
+    next(iter(weights.values()))[0] = float("nan")
+    save_file(weights, path, metadata={"format": "pt"})
+
+
+def without_manifests(damage):
+    def both(folder):
+        for name in ("iter_000001", "iter_000002"):
+            (folder.parent / name / "manifest.json").unlink()
+        damage(folder)
+
+    return both
+
+
+@pytest.mark.parametrize(
+    ("damage", "loaded", "warning"),
+    [
+        (without_manifests(corrupt_model), 1, "model.safetensors does not load"),
+        (without_manifests(nan_weights), 1, "holds NaN or inf"),
+        (without_manifests(truncate_state), 1, "trainer_state.pt does not load"),
+        (without_manifests(lambda folder: None), 2, "has no manifest"),
+    ],
+    ids=["truncated weights, no manifests", "NaN weights, no manifests",
+         "truncated trainer state, no manifests", "intact, no manifests"],
+)  # fmt: skip
+def test_weights_that_do_not_load_or_are_not_finite_fall_back_too(tmp_path, caplog, damage, loaded, warning):
+    test_a_damaged_checkpoint_falls_back_to_the_newest_valid_one(tmp_path, caplog, damage, loaded, warning)
+
+
+def test_weights_saved_with_nan_are_never_resumed_from(tmp_path, caplog):
+    policy, tokenizer = load_policy(TINY)
+    store = RunStore(str(tmp_path / "store"), "run")
+    checkpointer = Checkpointer(store, tokenizer, keep=2)
+    checkpointer.save(1, policy, {})
+    with torch.no_grad():
+        next(policy.parameters())[0, 0] = float("inf")
+    checkpointer.save(2, policy, {})  # its manifest matches: only the values tell
+    checkpointer.wait()
+    assert load_latest(store, tmp_path / "restored").iteration == 1
+    assert "holds NaN or inf" in caplog.text
+
+
 def test_a_checkpoint_from_before_manifests_still_loads(tmp_path, caplog):
     policy, tokenizer = load_policy(TINY)
     store = RunStore(str(tmp_path / "store"), "run")
@@ -168,4 +213,4 @@ def test_a_checkpoint_from_before_manifests_still_loads(tmp_path, caplog):
     checkpointer.wait()
     (tmp_path / "store" / "run" / "checkpoints" / "iter_000003" / "manifest.json").unlink()
     assert load_latest(store, tmp_path / "restored").iteration == 3
-    assert "predates checksums" in caplog.text
+    assert "has no manifest" in caplog.text
