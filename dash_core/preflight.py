@@ -16,7 +16,7 @@ from dash_core.data import Problem, Task, build_task, eval_sets
 from dash_core.model_zoo import ZOO
 from dash_core.models import TINY
 from dash_core.rewards.code import allow_weak_sandbox, isolation_problem
-from dash_core.tracking import check_reachable, sqlite_path
+from dash_core.tracking import check_reachable, check_scheme, sqlite_path
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
@@ -27,8 +27,8 @@ def check_run(config: DashConfig) -> tuple[Task, dict[str, list[Problem]]]:
     check_device(config.model.device)
     data = load_data(config)
     check_sandbox(config, problem_sets(data))
-    check_store(config.store)
     check_tracking(config.tracking)
+    check_store(config.store)
     return data
 
 
@@ -95,13 +95,17 @@ def check_sandbox(config: DashConfig, problem_sets: list[list[Problem]]) -> None
 
 
 def check_store(cfg: StoreConfig) -> None:
-    """The store's root takes a file (the run's own folder is made only once the run starts)."""
+    """The store's root takes a file (the run's own folder is made only once the run starts); a root the check had
+    to make is removed again, so a run that fails a later check leaves nothing."""
     try:
         fs, root = fsspec.core.url_to_fs(cfg.url, **cfg.storage_options)
         probe = f"{root.rstrip('/')}/.dash-write-check-{uuid.uuid4().hex}"
+        made = not fs.exists(root)
         fs.makedirs(root, exist_ok=True)
         fs.pipe_file(probe, b"")
         fs.rm(probe)
+        if made and "file" in fs.protocol:  # object stores have no folders to leave behind
+            fs.rmdir(root)
     except Exception as exc:  # each filesystem fails its own way; all mean the same to the user
         raise ConfigError(
             f"store.url {cfg.url!r} is not writable ({type(exc).__name__}: {exc}). Point store.url at a folder or "
@@ -110,7 +114,9 @@ def check_store(cfg: StoreConfig) -> None:
 
 
 def check_tracking(cfg: TrackingConfig) -> None:
-    """A sqlite database goes in an existing, writable folder (MLflow would silently create a mistyped one)."""
+    """MLflow has a store for the URI's scheme; a server answers; a sqlite database goes in an existing, writable
+    folder (MLflow would silently create a mistyped one)."""
+    check_scheme(cfg.uri)
     check_reachable(cfg.uri)
     path = sqlite_path(cfg.uri)
     if path is None:

@@ -63,6 +63,7 @@ def artifact_root(uri: str) -> str | None:
 def client(uri: str) -> MlflowClient:
     """A client whose database is ready. MLflow creates a sqlite database's tables on first use, and two processes
     doing that at once leave it broken for good, so the first use holds a lock file beside the database."""
+    check_scheme(uri)
     check_reachable(uri)
     path = sqlite_path(uri)
     if path is None:
@@ -233,6 +234,23 @@ class Tracker:
             raise
 
 
+def check_scheme(uri: str) -> None:
+    """Fail before anything starts when MLflow has no tracking store for the URI's scheme (plugins included); MLflow
+    itself fails only once the run starts, with a model-registry traceback."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry  # the registry MLflow resolves by
+
+    try:
+        _tracking_store_registry.get_store_builder(uri)
+    except MlflowException:
+        scheme = uri.partition(":")[0]
+        known = ", ".join(sorted(s for s in _tracking_store_registry._registry if s))
+        raise ConfigError(
+            f"tracking.uri {uri!r}: MLflow has no tracking store for the scheme {scheme!r} (it knows {known}). Use e.g. "
+            "sqlite:///mlflow.db, a folder, or http://host:5000"
+        ) from None
+
+
 def check_reachable(uri: str) -> None:
     """Fail in seconds, not after MLflow's minutes of retries, when a tracking server is down."""
     if not uri.startswith(("http://", "https://")):
@@ -248,6 +266,12 @@ def check_reachable(uri: str) -> None:
 
 def run_config(cfg: TrackingConfig, run_id: str) -> str:
     """The YAML config a run was started with, for `--resume`."""
+    path = sqlite_path(cfg.uri)
+    if path is not None and not path.exists():  # MLflow would create an empty database to look in
+        raise ConfigError(
+            f"cannot resume run {run_id!r}: the tracking database {path.resolve()} does not exist; point tracking.uri "
+            "(or --set tracking.uri=...) at the database the run was tracked in"
+        )
     mlflow = client(cfg.uri)
     try:
         mlflow.get_run(run_id)

@@ -13,6 +13,7 @@ import yaml
 
 from dash_core.config import DEFAULT_TRACKING_URI, ConfigError, DashConfig, load_config
 from dash_core.presets import Preset
+from flows import interrupted
 
 BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
@@ -193,6 +194,15 @@ def _run(args: argparse.Namespace, config: DashConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """`dashrl`. A Ctrl-C at any moment ends it with one line and exit status 130 (a training run keeps its
+    checkpoint and prints how to resume first)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        return interrupted()
+
+
+def _main(argv: list[str] | None) -> int:
     args = _parser().parse_args(argv)
     _quiet_defaults()
     if args.command == "models":
@@ -244,9 +254,6 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, NonFiniteLossError, EverythingFilteredError, ResumeError, OSError, ValueError) as exc:
         print(f"dashrl: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("dashrl: interrupted", file=sys.stderr)
-        return 130
     except RuntimeError:
         if followers and (lost := followers.lost()):
             print(f"dashrl: {lost}, so the run stopped (its output above says why); resume as above", file=sys.stderr)

@@ -48,6 +48,7 @@ CASES = {
     "unwritable sqlite": (lambda tmp: ["--set", "tracking.uri=sqlite:////proc/mlflow.db"], "cannot write the database /proc/mlflow.db"),
     "cuda without a GPU": (lambda tmp: ["--set", "model.device=cuda"], "torch sees no CUDA device on this machine"),
     "unreachable tracking server": (lambda tmp: ["--set", "tracking.uri=http://127.0.0.1:9"], "MLflow tracking server http://127.0.0.1:9 is not reachable"),
+    "unknown tracking scheme": (lambda tmp: ["--set", "tracking.uri=foo://bar"], "MLflow has no tracking store for the scheme 'foo'"),
 }
 
 
@@ -105,3 +106,11 @@ def test_a_code_run_without_bubblewrap_refuses_to_start_unless_the_weak_sandbox_
     data = check_run(weak)
     assert _with_sandbox({"dash.kind": "train"}, weak, data) == {"dash.kind": "train", "dash.sandbox": "weak"}
     assert run_tests("def add(a, b):\n    return a + b\n", "assert add(1, 2) == 3\n").passed  # the weaker sandbox runs it
+
+
+def test_resuming_an_unknown_run_is_one_line_and_creates_no_database(tmp_path, capsys):
+    db = tmp_path / "mlflow.db"
+    assert main(["train", "--resume", "0123456789abcdef", "--set", f"tracking.uri=sqlite:///{db}"]) == 2
+    err = capsys.readouterr().err
+    assert f"the tracking database {db} does not exist" in err and len(err.strip().splitlines()) == 1, err
+    assert not db.exists() and not (tmp_path / "mlflow.db.lock").exists()

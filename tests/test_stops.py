@@ -5,6 +5,7 @@ it, also after kill -9."""
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import psutil
@@ -69,3 +70,14 @@ def test_nothing_outlives_a_killed_trainer(tmp_path, learners):
     trainer.kill()
     trainer.communicate()
     assert all_gone(processes)
+
+
+@pytest.mark.parametrize("delay_s", [0.3, 1.5, 4.0, 8.0])
+def test_ctrl_c_during_start_up_is_one_line(tmp_path, delay_s):
+    """Imports, config checks, the Prefect server's start, the flow's start: a Ctrl-C at any of them is one line."""
+    trainer = start_dashrl(["train", "--set", f"store.url={tmp_path / 'store'}", "--set", f"tracking.uri=sqlite:///{tmp_path}/mlflow.db"], tmp_path)
+    time.sleep(delay_s)  # a moment of start-up, not a bound on anything
+    os.killpg(trainer.pid, signal.SIGINT)
+    _, err = trainer.communicate(timeout=120)
+    assert trainer.returncode == 130 and "Traceback" not in err, err[-3000:]
+    assert err.strip().splitlines()[-1] == "dashrl: interrupted", err[-3000:]
