@@ -327,14 +327,19 @@ def evaluate_and_log(run: TrainingRun, hooks: Hooks) -> None:
 def replay(run: TrainingRun) -> None:
     """Every process: redo the updates of the stored batches newer than the weights (the store is the run's
     write-ahead log); deterministic, so the weights are those the lost run had, whatever the number of processes.
-    Metrics MLflow lacks are logged, once."""
+    Metrics MLflow lacks are logged, once: the batch's own, the times of the phases that made it (the lost run
+    measured them), and the replay's learning times as `time/replay_*` (the lost run's never reached MLflow)."""
     restored = run.state.iteration
     manifests = run.team.agree(_stored_since(run) if run.team.leads else None)
     for manifest in manifests:
-        run.metrics = dict(manifest.metrics)
-        learn(run, manifest)
-        if manifest.iteration not in run.logged:  # timings are the replay's, not the iteration's: left out
-            run.log({k: v for k, v in run.metrics.items() if not k.startswith("time/")}, manifest.iteration)
+        run.metrics = {}
+        with run.phase("learn"):
+            learn(run, manifest)
+        replayed = {key.replace("time/", "time/replay_", 1): value for key, value in run.metrics.items() if key.startswith("time/")}
+        learned = {k: v for k, v in run.metrics.items() if not k.startswith("time/")}
+        run.metrics = manifest.timings | manifest.metrics | learned | replayed
+        if manifest.iteration not in run.logged:
+            run.log(run.metrics, manifest.iteration)
     if manifests:
         log.info("replayed iterations %d-%d from the rollout store", restored + 1, run.state.iteration)
     problem = run.team.agree(_history_ahead(run) if run.team.leads else None)

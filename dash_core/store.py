@@ -36,7 +36,9 @@ class BatchPart:
 
 @dataclass(frozen=True)
 class BatchManifest:
-    """What the learner needs to request a batch, and the iteration's scores (logged again if a crash lost them)."""
+    """What the learner needs to request a batch, and the iteration's scores (logged again if a crash lost them).
+    A stored manifest keeps the times of the phases that made it apart (`timings`): they are not the batch's, which
+    is the same whoever sampled it."""
 
     iteration: int
     parts: list[BatchPart]
@@ -44,6 +46,7 @@ class BatchManifest:
     kept: int
     reward_mean: float
     metrics: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> BatchManifest:
@@ -110,9 +113,10 @@ class RunStore:
         return BatchPart(relpath, table.num_rows, sum(columns["kept"]))
 
     def write_manifest(self, manifest: BatchManifest) -> None:
-        """The batch is complete from here on (its parts must be written). Timings are not the batch's to keep."""
+        """The batch is complete from here on (its parts must be written)."""
         scores = {k: v for k, v in manifest.metrics.items() if not k.startswith("time/")}
-        self.write_json(f"{_batch_dir(manifest.iteration)}/manifest.json", asdict(manifest) | {"metrics": scores})
+        timings = manifest.timings | {k: v for k, v in manifest.metrics.items() if k.startswith("time/")}
+        self.write_json(f"{_batch_dir(manifest.iteration)}/manifest.json", asdict(manifest) | {"metrics": scores, "timings": timings})
 
     def write_batch(self, iteration: int, columns: dict[str, list], metrics: dict[str, float] | None = None) -> BatchManifest:
         """A batch of one part. `columns` must hold a boolean `kept` and a numeric `reward` column."""

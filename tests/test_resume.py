@@ -92,8 +92,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights_logging_each_step_onc
     expected = uninterrupted(config.model_copy(deep=True), 4)
     run_id = killed_run(config, then)
     run = resumed(config, run_id, 4)
-    for key in ("reward/mean", "train/loss", "samples/total"):
+    for key in ("reward/mean", "train/loss", "samples/total", "time/sample_s"):  # replay fills in the lost ones
         assert steps(config, run_id, key) == [1, 2, 3, 4], (when, key)
+    assert set(steps(config, run_id, "time/replay_learn_s")) <= {1, 2, 3}  # the replay's own, named so
     train_s = [m.value for m in sorted(MlflowClient(config.tracking.uri).get_metric_history(run_id, "time/train_s"), key=lambda m: m.step)]
     assert train_s == sorted(train_s), "time/train_s went backwards"
     assert run.state.samples_total == 4 * 16
