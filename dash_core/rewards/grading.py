@@ -61,7 +61,8 @@ def grade(
     cut_off = 0
     if math:
         deadline = time.monotonic() + math_deadline_s
-        verdicts = _math_verdicts([(completions[i], problems[i].answer) for i in math], math_timeout_s, deadline)
+        jobs = [(completions[i], problems[i].answer, problems[i].metadata.get("question", problems[i].prompt)) for i in math]
+        verdicts = _math_verdicts(jobs, math_timeout_s, deadline)
         for i, verdict in zip(math, verdicts):
             rewards[i] = 0.0 if verdict is None else verdict
         cut_off = verdicts.count(None)
@@ -77,14 +78,15 @@ def grade(
     return Grades(rewards, cut_off)
 
 
-def _math_verdicts(pairs: list[tuple[str, str]], timeout_s: float, deadline: float) -> list[float | None]:
-    """math_verdict of each (completion, reference), None where cut off. The symbolic checks run in math_verdict's
-    worker processes; threads keep all of them busy."""
-    verdicts: list[float | None] = [None] * len(pairs)
-    pending = list(range(len(pairs)))
+def _math_verdicts(jobs: list[tuple[str, str, str]], timeout_s: float, deadline: float) -> list[float | None]:
+    """math_verdict of each (completion, reference, question), None where cut off. The symbolic checks run in
+    math_verdict's worker processes; threads keep all of them busy."""
+    verdicts: list[float | None] = [None] * len(jobs)
+    pending = list(range(len(jobs)))
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         for limit in [*(t for t in _MATH_TRIES_S if t < timeout_s), timeout_s]:
-            for i, verdict in zip(pending, pool.map(lambda i: math_verdict(*pairs[i], limit, deadline), pending)):
+            checked = pool.map(lambda i: math_verdict(jobs[i][0], jobs[i][1], limit, deadline, question=jobs[i][2]), pending)
+            for i, verdict in zip(pending, checked):
                 verdicts[i] = verdict
             pending = [i for i in pending if verdicts[i] is None]
     return verdicts

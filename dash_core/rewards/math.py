@@ -41,7 +41,7 @@ _NO_DEADLINE = float("inf")
 
 _BOX = re.compile(r"\\(?:boxed|fbox)(?![a-zA-Z])")
 _SPACING = re.compile(r"(?<!\\)\\[!,;: ]|\\q?quad(?![a-zA-Z])|~")
-_FRAC_STYLE = re.compile(r"\\[dt]frac(?![a-zA-Z])")
+_FRAC_STYLE = re.compile(r"\\[dt](frac|binom)(?![a-zA-Z])")
 _SIZING = re.compile(r"\\(?:left|right|[bB]igg?[lr]?)(?![a-zA-Z])")
 _UNIT_TEXT = re.compile(r"\\(?:text|mbox|mathrm)\{\s+[A-Za-z][A-Za-z\s.]*\}(?:\^\{?[23]\}?)?\s*$")
 _TEXT = re.compile(
@@ -101,6 +101,7 @@ _CHOICE = re.compile(r"\(([A-Za-z])\)")
 _DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRACTION = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
 _WORD = re.compile(r"[A-Za-z]{2,}")
+_INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)  # $$..$$ $..$ \(..\) \[..\]
 _DEPTH_CHANGE = {"{": 1, "}": -1}
 
 
@@ -110,10 +111,13 @@ def math_reward(completion: str, answer: str, timeout_s: float = 5.0) -> float:
     return 0.0 if verdict is None else verdict
 
 
-def math_verdict(completion: str, answer: str, timeout_s: float = 5.0, deadline: float = _NO_DEADLINE) -> float | None:
+def math_verdict(
+    completion: str, answer: str, timeout_s: float = 5.0, deadline: float = _NO_DEADLINE, question: str = ""
+) -> float | None:
     """math_reward's reward, or None when the symbolic check was cut off: it overran `timeout_s`, or `deadline` (in
     time.monotonic() seconds) passed first. A batch shares one deadline to bound its grading time, and counts the
-    cut-off answers apart from the wrong ones because their rise means a policy drifting to pathological answers."""
+    cut-off answers apart from the wrong ones because their rise means a policy drifting to pathological answers.
+    With the problem's `question`, an answer that restates one of its expressions is wrong (see `_restates`)."""
     boxed, reference = extract_boxed(completion), reference_answer(answer)
     if boxed is None:
         return 0.0
@@ -121,7 +125,7 @@ def math_verdict(completion: str, answer: str, timeout_s: float = 5.0, deadline:
         return float(boxed == reference)
     gold, pred = _clean(reference), _clean(boxed)
     gold_key, pred_key = _canonical(gold), _canonical(pred)
-    if not pred_key or _refused(gold, pred):
+    if not pred_key or _refused(gold, pred) or _restates(pred_key, gold_key, question):
         return 0.0
     if gold_key == pred_key:
         return 1.0
@@ -168,7 +172,7 @@ def _clean(answer: str) -> str:
     """Drop what does not change the value, keeping valid LaTeX (this is what math-verify parses)."""
     s = re.sub(r"\s+", " ", answer.translate(_MINUS_SIGNS))  # newlines, no-break and thin spaces too
     s = _SPACING.sub(" ", s)
-    s = _FRAC_STYLE.sub(r"\\frac", s)
+    s = _FRAC_STYLE.sub(r"\\\1", s)
     s = _SIZING.sub("", s)
     s = _MARKUP.sub("", s)
     s = _UNIT_TEXT.sub(lambda unit: unit.group() if _HEDGE.search(unit.group()) else "", s)  # not "\text{ or more}"
@@ -193,6 +197,17 @@ def _refused(gold: str, pred: str) -> bool:
     if "," in gold:
         hedges.discard("and")  # "2 and 3" lists the values "2, 3" lists
     return unclaimed or bool(hedges) or _SPLIT_DIGITS.search(pred) is not None
+
+
+def _restates(pred_key: str, gold_key: str, question: str) -> bool:
+    r"""The answer is one of the question's own expressions, written as the question writes it (normalised), and the
+    reference is written otherwise: "Simplify $\sqrt{242}$" answered \sqrt{242}, "Compute $\arcsin(-\frac12)$"
+    answered \arcsin(-\frac{1}{2}). Equal in value, so math-verify would credit them; they copy the question. A
+    reference written as the question writes it (the value is the expression itself) stays right."""
+    if not question or pred_key == gold_key:
+        return False
+    expressions = (next(group for group in match.groups() if group is not None) for match in _INLINE_MATH.finditer(question))
+    return any(len(expression) <= _MAX_ANSWER_CHARS and _canonical(_clean(expression)) == pred_key for expression in expressions)
 
 
 def _canonical(clean: str) -> str:
