@@ -11,13 +11,13 @@ import time
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from helpers import TINY
+from safetensors.torch import load_file, save_file
 
+from dash_core import loop
 from dash_core.checkpoint import Checkpointer, load_latest
 from dash_core.config import DashConfig
 from dash_core.models import load_policy
-from dash_core import loop
 from dash_core.run import TrainingRun
 from dash_core.store import RunStore
 

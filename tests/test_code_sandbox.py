@@ -16,8 +16,16 @@ import pytest
 from py_landlock import LandlockError, get_abi_version
 
 import dash_core.rewards.code.sandbox as sandbox
+from dash_core.rewards.code import (
+    STATUSES,
+    SandboxUnavailable,
+    allow_weak_sandbox,
+    mbpp_plus_tests,
+    mbpp_tests,
+    run_many,
+    run_tests,
+)
 from dash_core.rewards.code.values import _decode
-from dash_core.rewards.code import STATUSES, SandboxUnavailable, allow_weak_sandbox, mbpp_plus_tests, mbpp_tests, run_many, run_tests
 
 DATA = Path(__file__).resolve().parent / "data"  # excerpts shipped with the tests
 ADD = "def add(a, b):\n    return a + b\n"

@@ -7,10 +7,10 @@ import pytest
 import torch
 from helpers import TINY, chunks_of, make_batch
 
+from dash_core import loop
 from dash_core.config import AlgoConfig, DashConfig, LearnerConfig, load_config
 from dash_core.learner import Learner, completion_logprobs
 from dash_core.rules import RULES, UpdateRule, clipped_ratio, k3, objective, policy_gradient
-from dash_core import loop
 from dash_core.run import TrainingRun
 
 
