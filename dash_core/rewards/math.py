@@ -25,6 +25,7 @@ multiprocessing workers, and after a fork (a forked child starts its own workers
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import select
@@ -61,6 +62,7 @@ _HEDGE = re.compile(
     r"|probably)\b",
     re.IGNORECASE,
 )
+_SCIENTIFIC = re.compile(r"(-?\d+(?:\.\d+)?)\\(?:times|cdot)10\^\{?(-?\d{1,4})\}?")
 _REPEATING = re.compile(r"(-?)(\d*)\.(\d*)\\overline\{(\d+)\}")  # 0.\overline{3}, 0.1\overline{6}
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|\\degree|°")
 _PERCENT_OR_DOLLAR = re.compile(r"\\?[%$]")
@@ -101,6 +103,16 @@ _CHOICE = re.compile(r"\(([A-Za-z])\)")
 _DECIMAL = re.compile(r"-?(?:\d+(?:\.\d*)?|\.\d+)")
 _FRACTION = re.compile(r"(-?)\\frac\{(-?\d+)\}\{(-?\d+)\}")
 _WORD = re.compile(r"[A-Za-z]{2,}")
+_ASKS_FOR_FORM = re.compile(
+    r"\b(?:simplif(?:y|ied)|factor(?:ed|ize|ise)?|expand(?:ed)?|rationali[sz]e|compute|evaluate|calculate|express(?:ed)?"
+    r"|write|convert)\b",
+    re.IGNORECASE,
+)
+_FUNCTION = re.compile(r"\\(?:sin|cos|tan|cot|sec|csc|arcsin|arccos|arctan|sinh|cosh|tanh|log|ln|exp|binom|lceil|lfloor)(?![a-zA-Z])")
+_COMMAND = re.compile(r"\\[a-zA-Z]+")
+_OPERATION = re.compile(r"(?<!^)-|[+*/^!]|\\(?:cdot|times|div|frac|sqrt|binom|log|ln|sin|cos|tan)(?![a-zA-Z])")
+_RADICAND = re.compile(r"\\sqrt\{([^{}]*(?:\{[^{}]*\}[^{}]*)*)\}")  # \sqrt{...}, one level of braces inside
+_ROOT_BELOW = re.compile(r"\\frac\{[^{}]*\}\{[^{}]*\\sqrt")
 _INLINE_MATH = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.DOTALL)  # $$..$$ $..$ \(..\) \[..\]
 _DEPTH_CHANGE = {"{": 1, "}": -1}
 
@@ -126,6 +138,8 @@ def math_verdict(
     gold, pred = _clean(reference), _clean(boxed)
     gold_key, pred_key = _canonical(gold), _canonical(pred)
     if not pred_key or _refused(gold, pred) or _restates(pred_key, gold_key, question):
+        return 0.0
+    if pred_key != gold_key and _ASKS_FOR_FORM.search(question) and _outside_form(pred_key, gold_key, question):
         return 0.0
     if gold_key == pred_key:
         return 1.0
@@ -210,6 +224,42 @@ def _restates(pred_key: str, gold_key: str, question: str) -> bool:
     return any(len(expression) <= _MAX_ANSWER_CHARS and _canonical(_clean(expression)) == pred_key for expression in expressions)
 
 
+def _outside_form(pred_key: str, gold_key: str, question: str) -> bool:
+    r"""For a problem that asks for a form (simplify, factor, expand, rationalise, compute, evaluate, express, write,
+    convert), an answer equal in value but not in the reference's form class, whatever math-verify says:
+    - a number is asked (the reference is one): the answer is not an operation left to do ("9900+1", "\log_2 2^6",
+      "\binom{31}{28}"; "72 clips" is left to the rest of the grader);
+    - no function left unevaluated at a constant that the reference does not apply ("-\arcsin(\frac{1}{2})");
+    - no radical left unsimplified (a constant radicand that is not a square-free integer: "\sqrt{242}",
+      "\sqrt{2\cdot121}", "\sqrt{\frac{1}{2}}") that the reference does not have;
+    - no radical in a denominator where the reference has none;
+    - factor: a product where the reference is one; expand: no parentheses where the reference has none."""
+    if _rational(gold_key) is not None and _rational(pred_key) is None and _OPERATION.search(pred_key):
+        return True
+    functions = set(_FUNCTION.findall(pred_key)) - set(_FUNCTION.findall(gold_key))
+    if functions and not re.search(r"[A-Za-z]", _COMMAND.sub("", pred_key)):
+        return True
+    radicands = {r for r in _RADICAND.findall(pred_key) if not _square_free_integer(r)} - set(_RADICAND.findall(gold_key))
+    if radicands:
+        return True
+    if _ROOT_BELOW.search(pred_key) and not _ROOT_BELOW.search(gold_key):
+        return True
+    asked = question.lower()
+    if "factor" in asked and "(" in gold_key and "(" not in pred_key:
+        return True
+    return "expand" in asked and "(" not in gold_key and "(" in pred_key
+
+
+def _square_free_integer(radicand: str) -> bool:
+    """A radicand that is simplified: a square-free integer, or one with variables (left to the reference's form)."""
+    if re.search(r"[A-Za-z]", _COMMAND.sub("", radicand)):
+        return True
+    if not radicand.isdigit():
+        return False
+    n = int(radicand)
+    return n < 10**12 and all(n % (k * k) for k in range(2, math.isqrt(n) + 1))
+
+
 def _canonical(clean: str) -> str:
     """A spacing-free string on which equal answers written in the usual different ways coincide."""
     s = re.sub(r"\s+", "", clean)
@@ -227,9 +277,12 @@ def _canonical(clean: str) -> str:
 
 
 def _rational(key: str) -> Fraction | None:
-    """The exact value of a plain integer, decimal (repeating too) or integer fraction; None for anything else."""
+    """The exact value of a plain integer, decimal (repeating, or in scientific notation too) or integer fraction;
+    None for anything else."""
     if _DECIMAL.fullmatch(key):
         return Fraction(key)
+    if scientific := _SCIENTIFIC.fullmatch(key):  # 6.72\times10^{-5}
+        return Fraction(scientific.group(1)) * Fraction(10) ** int(scientific.group(2))
     if repeating := _REPEATING.fullmatch(key):  # 0.1\overline{6} = 0.1 + 0.0\overline{6}
         sign, whole, fixed, period = repeating.groups()
         value = int(whole or 0) + Fraction(int(fixed or 0), 10 ** len(fixed))
