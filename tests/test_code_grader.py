@@ -1,7 +1,8 @@
 """The code grader's own failures: none under run_many's threads, and one that happens is retried, then named.
 
 The sandbox is replaced by a stand-in that answers at once, as if each program's functions returned their first
-argument: the threads then spend their time in the judge (parsing, planning, replaying), where these failures are.
+argument: the threads then spend their time in the judge (parsing, compiling, running the tests), where these failures
+are.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import pytest
 import dash_core.rewards.code as code
 from dash_core.data.problem import Problem
 from dash_core.rewards.code import run_many, run_tests
-from dash_core.rewards.code.judge import _Outputs
-from dash_core.rewards.code.values import _decode, _encode
 from dash_core.rewards.grading import grade
 
 
@@ -27,18 +26,35 @@ def _identity(name: str) -> str:
     return f"def {name}(x):\n    return x\n"
 
 
-def _echo_sandbox(program: str, ops: tuple[tuple, ...], timeout_s: float, memory_mb: int) -> _Outputs:
-    """What the sandbox would return for a program whose every function returns its first argument."""
-    records = [b'["ok"]']
-    for _kind, _name, arguments in ops:  # every op is a call with data arguments in these tests
-        args, _ = _decode(arguments)
-        records.append(json.dumps(["value", _encode(args[0])]).encode())
-    return _Outputs(records, ("failed", "the program stopped before the tests finished"), "")
+class _EchoRun:
+    """A stand-in for one sandbox run, answering at once as the program would if its every function returned its
+    first argument (the grader's side of the conversation is unchanged)."""
+
+    def __init__(self, program: str, timeout_s: float, memory_mb: int) -> None:
+        self.program, self.deadline, self.stderr = program, time.monotonic() + timeout_s, ""
+
+    def __enter__(self) -> _EchoRun:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        pass
+
+    def exchange(self, request: bytes) -> bytes:
+        kind, *arguments = json.loads(request)
+        if kind == "run":
+            names = [node.name for node in ast.parse(self.program).body if isinstance(node, ast.FunctionDef)]
+            return json.dumps(["names", names]).encode()
+        if kind == "global":
+            return json.dumps(["value", {"handle": [0, "function"]}]).encode()
+        return json.dumps(["value", arguments[1][0][0]]).encode()  # a call: [number, [args, kwargs]]
+
+    def finish(self) -> None:
+        pass
 
 
 @pytest.fixture
 def echo_sandbox(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(code, "_run_sandboxed", _echo_sandbox)
+    monkeypatch.setattr(code, "_Run", _EchoRun)
 
 
 def _pause_mid_parse(phase: str, info: dict) -> None:
@@ -61,7 +77,7 @@ def parser_race():
 
 
 def _jobs(round_: int, count: int) -> list[tuple[str, str]]:
-    """`count` programs, each with tests of its own (the judge caches plans per tests) that hold a long literal, as
+    """`count` programs, each with tests of its own (the judge compiles them once per task) that hold a long literal, as
     an MBPP+ checker's inputs do (a parse long enough for others to start); every other program defines a builtin
     its tests call, so that the judge parses the program too."""
     jobs = []
@@ -85,13 +101,13 @@ def test_hundreds_of_programs_graded_in_threads_many_times(caplog: pytest.LogCap
 def test_a_grader_failure_is_tried_once_more(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     calls = []
 
-    def flaky(*args: object) -> _Outputs:
+    def flaky(*args: object) -> _EchoRun:
         calls.append(args)
         if len(calls) == 1:
             raise SystemError("AST constructor recursion depth mismatch (before=33, after=183)")
-        return _echo_sandbox(*args)
+        return _EchoRun(*args)
 
-    monkeypatch.setattr(code, "_run_sandboxed", flaky)
+    monkeypatch.setattr(code, "_Run", flaky)
     with caplog.at_level(logging.WARNING, logger=code.__name__):
         assert run_tests(_identity("f"), "assert f(1) == 1\n").passed
     assert len(calls) == 2
@@ -101,10 +117,10 @@ def test_a_grader_failure_is_tried_once_more(monkeypatch: pytest.MonkeyPatch, ca
 def test_a_grader_failure_that_repeats_fails_the_batch_with_its_cause(monkeypatch: pytest.MonkeyPatch) -> None:
     """A SystemError of the grader's own on every try is not the program's: no reward of 0, the batch fails."""
 
-    def broken(*args: object) -> _Outputs:
+    def broken(*args: object) -> _EchoRun:
         raise SystemError("AST constructor recursion depth mismatch (before=33, after=183)")
 
-    monkeypatch.setattr(code, "_run_sandboxed", broken)
+    monkeypatch.setattr(code, "_Run", broken)
     problem = Problem("c", "write f", tests="assert f(1) == 1\n", kind="code")
     with pytest.raises(code.GraderError, match="grader's own.*SystemError"):
         grade([problem, problem], [_identity("f"), "def f(x):\n    return 0\n"])

@@ -117,21 +117,26 @@ def test_fork_bomb_around_the_guard_is_contained() -> None:
 
 
 @pytest.mark.parametrize(
-    ("program", "tests"),
+    ("program", "tests", "status"),
     [
-        ("import sys\nsys.exit(0)\n" + ADD, ADD_TESTS),
-        ("import os\nos._exit(0)\n" + ADD, ADD_TESTS),
-        ("raise SystemExit(0)\n", ADD_TESTS),
-        ("quit()\n", ADD_TESTS),
-        (ADD, "assert add(1, 2) == 3\nraise SystemExit(0)\nassert add(1, 2) == 4\n"),
-        (ADD, "import os\nassert add(1, 2) == 3\nos._exit(0)\nassert add(1, 2) == 4\n"),
-        (ADD, "import sys\nsys.exit(0)\nassert add(1, 2) == 4\n"),
+        ("import sys\nsys.exit(0)\n" + ADD, ADD_TESTS, "failed"),
+        ("import os\nos._exit(0)\n" + ADD, ADD_TESTS, "failed"),
+        ("raise SystemExit(0)\n", ADD_TESTS, "failed"),
+        ("quit()\n", ADD_TESTS, "failed"),
+        (ADD, "assert add(1, 2) == 3\nraise SystemExit(0)\nassert add(1, 2) == 4\n", "failed"),
+        (ADD, "import os\nassert add(1, 2) == 3\nos._exit(0)\nassert add(1, 2) == 4\n", "error"),  # no os in the judge
+        (ADD, "import sys\nsys.exit(0)\nassert add(1, 2) == 4\n", "error"),  # the judge's sys has no exit
+        ("import sys\ndef add(a, b):\n    sys.exit(0)\n", ADD_TESTS, "failed"),
+        ("def add(a, b):\n    raise KeyboardInterrupt\n", "try:\n    add(1, 2)\nexcept BaseException:\n    pass\n", "failed"),
     ],
-    ids=["sys.exit", "os._exit", "SystemExit", "quit", "SystemExit-in-tests", "os._exit-in-tests", "exit-in-tests"],
-)
-def test_exiting_early_is_not_passing(program: str, tests: str) -> None:
+    ids=[
+        "sys.exit", "os._exit", "SystemExit", "quit", "SystemExit-in-tests", "os._exit-in-tests", "exit-in-tests",
+        "exit-in-a-call", "interrupt-the-tests-catch",
+    ],
+)  # fmt: skip
+def test_exiting_early_is_not_passing(program: str, tests: str, status: str) -> None:
     result = run_tests(program, tests)
-    assert (result.passed, result.status) == (False, "failed")
+    assert (result.passed, result.status) == (False, status)
 
 
 def test_printing_success_is_not_passing() -> None:
@@ -149,27 +154,6 @@ def test_printing_success_is_not_passing() -> None:
         "os._exit(0)\n"
     )
     assert run_tests(forger, ADD_TESTS).status == "failed"
-
-
-def test_reading_back_open_descriptors_finds_no_nonce() -> None:
-    # Whatever the harness inherited is readable here; echoing it back must not prove success.
-    replay = (
-        "import os\n"
-        "seen = b''\n"
-        "for fd in range(3, 64):\n"
-        "    try:\n"
-        "        os.lseek(fd, 0, 0)\n"
-        "        seen += os.read(fd, 1 << 16)\n"
-        "    except OSError:\n"
-        "        pass\n"
-        "for fd in range(3, 64):\n"
-        "    try:\n"
-        "        os.write(fd, seen)\n"
-        "    except OSError:\n"
-        "        pass\n"
-        "os._exit(0)\n"
-    )
-    assert run_tests(replay, ADD_TESTS).status == "failed"
 
 
 def test_tampering_with_the_checker_is_not_passing() -> None:
@@ -196,7 +180,7 @@ def test_tampering_with_the_checker_is_not_passing() -> None:
         "__builtins__ = {'len': lambda x: 0}\n" + ADD
     )
     result = run_tests(tamper, "x = add(1, 1)\nassert x == 3\nx = 0\n")
-    assert (result.passed, result.status) == (False, "failed")
+    assert not result.passed  # its patched harness answers None for `add`: an error, when the tests call it
 
 
 def test_killing_the_parent_is_refused() -> None:
@@ -239,8 +223,10 @@ def test_files_outside_the_sandbox_cannot_be_changed(tmp_path: Path, shared: boo
 
 
 def test_files_inside_the_sandbox_can_be_used() -> None:
-    program = "with open('scratch.txt', 'w') as f:\n    f.write('hi')\n"
-    assert run_tests(program, "assert open('scratch.txt').read() == 'hi'\n").status == "passed"
+    program = (
+        "with open('scratch.txt', 'w') as f:\n    f.write('hi')\ndef read():\n    return open('scratch.txt').read()\n"
+    )
+    assert run_tests(program, "assert read() == 'hi'\n").status == "passed"
 
 
 def test_private_host_files_cannot_be_read(tmp_path: Path) -> None:
@@ -504,20 +490,104 @@ def test_patching_math_isclose_does_not_pass(imported: bool) -> None:
     assert run_tests(cheat, tests).status == "failed"
 
 
-def test_reading_the_harness_frames_does_not_pass() -> None:
-    snoop = (
-        "import os, sys\n"
-        "frame = sys._getframe()\n"
-        "while frame is not None:\n"
-        "    found = frame.f_locals\n"
-        "    if 'nonce' in found and 'proof_fd' in found:\n"
-        "        os.write(found['proof_fd'], found['nonce'])\n"
-        "        os._exit(0)\n"
-        "    frame = frame.f_back\n"
-        "os._exit(0)\n"
+# ---- the judge runs every line of the tests; the program answers only what it is asked ----
+
+FORGE = (  # writes `lines` to every descriptor: the harness's answers pipe is among them, whatever its number
+    "import os\n"
+    "def forge(lines):\n"
+    "    for fd in range(3, 64):\n"
+    "        try:\n"
+    "            os.write(fd, lines)\n"
+    "        except OSError:\n"
+    "            pass\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("program", "tests"),
+    [
+        (FORGE + "forge(b'[\"ok\"]\\n' * 8)\nos._exit(0)\n", "assert all(add(x, 1) == x + 1 for x in [1, 2, 3])\n"),
+        (FORGE + "def add(a, b):\n    forge(b'[\"value\", 3]\\n')\n    return 0\n", ADD_TESTS),
+        (FORGE + "def add(a, b):\n    if a == -1:\n        forge(b'[\"value\", 0]\\n')\n    return a + b + (a == 1)\n", ADD_TESTS),
+        (FORGE + "def add(a, b):\n    if a == -1:\n        forge(b'[\"value\", 0]\\n')\n    return a + b\n", ADD_TESTS),
+        (FORGE + "forge(b'[\"names\", [\"add\"]]\\n[\"value\", 3]\\n[\"value\", 0]\\n')\ndef add(a, b):\n    return 0\n", ADD_TESTS),
+        (FORGE + "def add(a, b):\n    forge(b'passed\\n')\n    return a + b\n", ADD_TESTS),
+    ],
+    ids=["ok-records-then-exit", "an-answer-ahead", "an-extra-answer", "an-extra-answer-after-the-last", "before-the-first-call", "malformed"],
+)  # fmt: skip
+def test_forged_answers_fail(program: str, tests: str) -> None:
+    """Bytes on the answers pipe are only ever the answer to the request the judge made, in order: one more, one
+    before, or one it cannot read fails the program, even where every answer it read was right."""
+    result = run_tests(program, tests)
+    assert (result.passed, result.status) == (False, "failed"), result.detail
+
+
+PAIR = "class Pair:\n    def __init__(self, a, b):\n        self.a, self.b = a, b\n"
+SQUARE = "def square(x):\n    return x * x\n"
+
+
+@pytest.mark.parametrize(
+    ("right", "wrong", "tests"),
+    [
+        (SQUARE, ANYTHING + "def square(x):\n    return Anything()\n", "assert all(square(x) == x * x for x in [1, 2, 3])\n"),
+        (SQUARE, ANYTHING + "def square(x):\n    return Anything()\n", "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 9\ncheck(square)\n"),
+        (PAIR + "def first(p):\n    return p.a\n", ANYTHING + PAIR + "def first(p):\n    return Anything()\n", "for p in [Pair(1, 2), Pair(3, 4)]:\n    assert first(p) == p.a\n"),
+        ("def is_even(n):\n    return n % 2 == 0\n", "def is_even(n):\n    raise StopIteration\n", "assert all(map(is_even, [2, 4, 6]))\nassert not any(map(is_even, [1, 3]))\n"),
+        ("def root(x):\n    if x < 0:\n        raise ValueError(x)\n    return x ** 0.5\n", "def root(x):\n    return x ** 0.5\n", "assert root(4) == 2\ntry:\n    root(-1)\nexcept ValueError:\n    pass\nelse:\n    raise AssertionError('no ValueError')\n"),
+    ],
+    ids=["comprehension", "check-candidate", "loop-over-the-program's-objects", "stop-iteration-in-map", "expected-exception"],
+)  # fmt: skip
+def test_every_statement_is_judged_outside(right: str, wrong: str, tests: str) -> None:
+    """Comprehensions, a checker handed the program's function, loops over objects of the program's classes and the
+    tests' own try/except all run in the judge: a value that equals anything, or a StopIteration that would end the
+    tests' `map` early, earns nothing there."""
+    assert run_tests(right, tests).status == "passed"
+    assert not run_tests(wrong, tests).passed
+
+
+def test_redefining_the_tests_loop_builtins_does_not_pass_a_row_whose_function_is_a_builtin() -> None:
+    """MBPP+ 126's function is named `sum`, and its tests call only builtins. Redefining `zip` too made the whole
+    checker loop, expected values included, run beside the program: `zip` chose what `sum` was checked against."""
+    row = next(row for row in _rows("mbppplus_originfmt_special.jsonl") if row["task_id"] == 126)
+    cheat = "def zip(*lists):\n    return [((0, 0), 0)]\ndef sum(a, b):\n    return 0\n"
+    assert run_tests(row["code"], mbpp_plus_tests(row)).status == "passed"
+    assert run_tests(cheat, mbpp_plus_tests(row)).status == "failed"
+
+
+@pytest.mark.parametrize(
+    ("program", "tests"),
+    [
+        ("def evens(xs):\n    return (x for x in xs if x % 2 == 0)\n", "assert list(evens([1, 2, 3, 4])) == [2, 4]\n"),
+        ("import numpy as np\ndef double(xs):\n    return np.array(xs) * 2\n", "assert list(double([1, 2])) == [2, 4]\nassert double([1.5]).tolist() == [3.0]\n"),
+        ("def names(xs):\n    return map(str, xs)\n", "assert sorted(names([2, 1])) == ['1', '2']\nassert '1' in names([1])\n"),
+        ("class Stack:\n    def __init__(self):\n        self.items = []\n    def push(self, x):\n        self.items.append(x)\n    def pop(self):\n        return self.items.pop()\n", "s = Stack()\ns.push(1)\ns.push(2)\nassert s.pop() == 2\nassert len(s.items) == 1\n"),
+        ("def types(xs, kind):\n    return [x for x in xs if isinstance(x, kind)]\n", "assert types([1, 'a', 2.0], int) == [1]\nassert types([1, 'a'], str) == ['a']\n"),
+    ],
+    ids=["generator", "numpy-array", "map-object", "class-with-methods", "a-type-as-argument"],
+)  # fmt: skip
+def test_right_programs_returning_objects_pass(program: str, tests: str) -> None:
+    """A generator, an array or an instance stays in the sandbox as a handle that the judge iterates, indexes and calls."""
+    result = run_tests(program, tests)
+    assert result.status == "passed", result.detail
+
+
+def test_no_dunder_attribute_crosses() -> None:
+    """numpy reads `__array_interface__` as an address in the judge's memory: a handle shares no dunder attribute, so
+    the array numpy builds holds the handle itself."""
+    program = (
+        "class Fake:\n"
+        "    __array_interface__ = {'data': (8, False), 'shape': (1 << 30,), 'typestr': '<f8', 'version': 3}\n"
+        "def f():\n"
+        "    return Fake()\n"
     )
-    result = run_tests(snoop, ADD_TESTS)
-    assert (result.passed, result.status) == (False, "failed")
+    result = run_tests(program, "import numpy as np\nassert np.array(f()).sum() == 0\n")
+    assert result.status in ("failed", "error"), result.detail
+
+
+def test_the_program_raising_a_grader_error_is_its_own_error() -> None:
+    """The judge retries its own SystemErrors and then fails the batch: the program's are only its error."""
+    result = run_tests("def add(a, b):\n    raise SystemError('boom')\n", ADD_TESTS)
+    assert (result.status, result.detail.splitlines()[0]) == ("error", "SystemError: boom (tests line 1)")
 
 
 def test_expected_outputs_never_reach_the_sandbox() -> None:
@@ -598,7 +668,9 @@ def test_no_tcp_fast_open() -> None:
     assert result.status == "failed"
 
 
-@pytest.mark.skipif(sandbox.isolation_problem() is not None, reason="the run's total disk use is capped by bubblewrap's tmpfs")
+@pytest.mark.skipif(
+    sandbox.isolation_problem() is not None, reason="the run's total disk use is capped by bubblewrap's tmpfs"
+)
 def test_total_disk_use_is_capped() -> None:
     writer = (
         "written = 0\n"
@@ -673,7 +745,9 @@ def test_bubblewrap_runs_programs_here_or_its_absence_is_named() -> None:
         assert "apt-get install bubblewrap" in problem and "reward.sandbox=weak" in problem
 
 
-def test_without_bubblewrap_it_refuses_unless_the_weak_sandbox_is_chosen(monkeypatch: pytest.MonkeyPatch, caplog) -> None:
+def test_without_bubblewrap_it_refuses_unless_the_weak_sandbox_is_chosen(
+    monkeypatch: pytest.MonkeyPatch, caplog
+) -> None:
     sandbox._bwrap_probe.cache_clear()
     monkeypatch.setattr(sandbox.shutil, "which", lambda name: None)
     try:

@@ -1,24 +1,24 @@
-"""Judge an untrusted Python program by its outputs: test inputs run in a sandbox, the comparison runs outside it.
+"""Judge an untrusted Python program by its answers: the program runs in a sandbox, the tests run outside it.
 
-The calling process (the judge) splits a task's tests statement by statement. What needs the program (a call of the
-function under test, a name the program defines) is evaluated in a fresh sandbox, and only its value comes back, as
-plain data by exact type; the comparison runs in the judge, with its own builtins and modules, on those values. A
-statement that cannot be split runs whole in the sandbox, and only whether it raised comes back. The sandbox holds
-in six layers: bubblewrap's namespaces, resource limits, a fresh uid, Landlock, seccomp and a Python guard.
+The calling process (the judge) runs every line of a task's tests itself. The program runs in a fresh sandbox and is
+reachable from the tests only through handles: a call of its function sends the arguments as plain data and brings
+back plain data by exact type (or a handle to an object that stays in the sandbox), and the comparison runs in the
+judge, with its own builtins and modules. The sandbox holds in six layers: bubblewrap's namespaces, resource
+limits, a fresh uid, Landlock, seccomp and a Python guard.
 
 Modules, in the order a run goes through them:
-- plan.py: which statements the judge runs and which the sandbox does; the function under test.
-- split.py: one statement cut at the parts that need the program; the names a statement reads and binds.
-- sandbox.py: launching one run: environment, bubblewrap (layer 1), the seccomp filter (layer 5), collecting its
-  records, the time limit; without bubblewrap, a refusal (fail closed) or, when chosen, the warned weaker fallback.
-- harness.py: the script that runs inside the sandbox: layers 2 to 6, then the program and the tests' ops.
-- values.py: values across the boundary: JSON by exact type, anything else an opaque placeholder.
-- judge.py: replaying the judged statements on the returned values, with the judge's namespace and builtins.
+- names.py: the tests, compiled once per task, and the names they read from the program.
+- sandbox.py: launching one run: environment, bubblewrap (layer 1), the seccomp filter (layer 5), the conversation
+  with it (one answer per request, in order), the time limit; without bubblewrap, a refusal (fail closed) or, when
+  chosen, the warned weaker fallback.
+- harness.py: the script that runs inside the sandbox: layers 2 to 6, then the program, then its answers.
+- values.py: values across the boundary: JSON by exact type, and handles for what is not data.
+- judge.py: the tests in the judge's namespace, with the program's names as handles; the verdict.
 
-Not covered: the fallback statements (plan.py); a program that games its own inputs where the sandbox builds them;
-the judge runs the data set's own test code in the calling process (trusted, like the data set) on at most 16 MiB of
-returned data, so a costly reference function costs that there (MBPP+ 255's largest case takes 1.5 s and 1 GB, for a
-program that passed every case before it); without bwrap, a run's total disk use; kernel bugs and timing channels.
+Not covered: a program that games inputs the tests build from its own classes (setup code calling them gets what
+it answers); the judge runs the data set's own test code in the calling process (trusted, like the data set) on at
+most 16 MiB of answers, so a costly reference function costs that there; without bwrap, a run's total disk use;
+kernel bugs and timing channels.
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from dataclasses import dataclass
 
 from .harness import _DETAIL_CHARS
 from .judge import _judge
-from .plan import _plan, _shadowed
-from .sandbox import SandboxUnavailable, _run_sandboxed, allow_weak_sandbox, isolation_problem
+from .names import _tests
+from .sandbox import SandboxUnavailable, _Run, allow_weak_sandbox, isolation_problem
 
 __all__ = [
     "STATUSES", "CodeResult", "GraderError", "SandboxUnavailable", "allow_weak_sandbox", "isolation_problem",
@@ -59,7 +59,7 @@ class GraderError(RuntimeError):
 
 
 def run_tests(program: str, tests: str, timeout_s: float = 10.0, memory_mb: int = 1024) -> CodeResult:
-    """Run `program` and the parts of `tests` that need it in a fresh sandbox, and judge the results here.
+    """Run `program` in a fresh sandbox and `tests` here, against its answers.
 
     Whatever the program does ends in a status. Anything raised is the grader's own failure (the sandbox cannot be
     set up, a SystemError or MemoryError in the judge), usually transient: it is tried once more, then GraderError
@@ -83,12 +83,12 @@ def run_tests(program: str, tests: str, timeout_s: float = 10.0, memory_mb: int 
 
 def _run_tests_once(program: str, tests: str, timeout_s: float, memory_mb: int) -> CodeResult:
     start = time.monotonic()
-    plan = _plan(tests, _shadowed(program, tests))
-    if plan.error is not None:
-        return CodeResult(False, "error", plan.error, time.monotonic() - start)
-    outputs = _run_sandboxed(program, plan.ops, timeout_s, memory_mb)
-    status, reason = _judge(plan, outputs, time.monotonic() + timeout_s)
-    detail = f"{reason}\n{outputs.stderr}".strip()[-_DETAIL_CHARS:]
+    compiled = _tests(tests)
+    if isinstance(compiled, str):
+        return CodeResult(False, "error", compiled, time.monotonic() - start)
+    with _Run(program, timeout_s, memory_mb) as run:
+        status, reason = _judge(compiled, run)
+        detail = f"{reason}\n{run.stderr}".strip()[-_DETAIL_CHARS:]
     return CodeResult(status == "passed", status, detail, time.monotonic() - start)
 
 

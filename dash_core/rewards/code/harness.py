@@ -1,11 +1,14 @@
-"""The script that runs inside the sandbox: it confines itself, then runs the program and the tests' sandbox-side ops.
+"""The script that runs inside the sandbox: it confines itself, then answers the judge's requests about the program.
 
 sandbox.py starts this file as a script (under bubblewrap, layer 1, where it can run) with values.py bind-mounted
 next to it; apart from these two files it imports only what the Python installation holds. It reads its job (the
-program, the ops, the limits, the compiled seccomp filter) from a descriptor, sets up layers 2 to 6 below, says
-"ready", runs the program, then each op, and writes one record per op: ["ok"], ["value", its encoding by values.py]
-or ["raised", type, message]. Everything it uses once untrusted code runs is captured before: the program can patch
-this module, builtins and sys. Its layers, each holding where the next is missing (1, bubblewrap, is in sandbox.py):
+program, the limits, the compiled seccomp filter) from a descriptor, sets up layers 2 to 6 below, says "ready", then
+reads one JSON request per line and writes one answer line each, in order: "run" runs the program and answers with
+the names it defined; the others fetch one of those names, or call, read, set, index, measure or iterate an object it
+holds (by number). An answer is ["value", data by values.py, with handles for what is not data], ["names", [...]] or
+["raised", type, message]. Nothing here needs to be trusted: the program can patch this script, and whatever it then
+writes is only its answer to the judge's question, which the judge alone judges (judge.py). Its layers, each holding
+where the next is missing (1, bubblewrap, is in sandbox.py):
 2. Resource limits: CPU seconds, address space, threads, file size, no core dumps. Layer 5 keeps the run to one
    process and forbids memory outside its address space (shared memory, memfd), so memory_mb caps the whole run
    (plus its files, at most 64 MiB).
@@ -18,7 +21,7 @@ this module, builtins and sys. Its layers, each holding where the next is missin
    threads it starts.
 6. A Python guard like EvalPlus's reliability_guard (os.kill, os.fork, subprocess... raise PermissionError); a guard
    only, which ctypes goes around.
-sandbox.py reads the limits that both sides must agree on (output, disk, detail, the crash status) from here.
+sandbox.py reads the limits that both sides must agree on (answers, disk, detail, the crash status) from here.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import builtins
 import ctypes
 import json
 import math
+import operator
 import os
 import resource
 import shutil
@@ -39,17 +43,18 @@ from py_landlock import AccessFs, Landlock, LandlockError, get_abi_version
 
 if __name__ == "__main__":  # a script in the sandbox, where values.py is bind-mounted next to this file
     sys.path.insert(0, os.path.dirname(__file__))
-    from values import _decode, _encode
+    from values import _encode, _untag
 
     del sys.path[0]  # the program gets the sys.path it had before
 else:
-    from .values import _decode, _encode
+    from .values import _encode, _untag
 
 _DETAIL_CHARS = 500  # of an exception's message, and of stderr, that come back
 _MAX_THREADS = 32  # RLIMIT_NPROC: threads, since layer 5 allows no other process
 _MAX_DISK_BYTES = 64 << 20  # the run's tmpfs under bwrap, and any one file
-_MAX_OUTPUT_BYTES = 16 << 20  # returned data the judge reads from one run
-_CRASHED = 12  # exit code of a harness that ran out of memory before it could say so
+_MAX_OUTPUT_BYTES = 16 << 20  # answers the judge reads from one run
+_MAX_NAMES = 10_000  # of the program's namespace, that the judge is told
+_CRASHED = 12  # exit code of a harness that ran out of memory outside the program, before it could say so
 _SYSTEM_READABLE = ("/usr", "/lib", "/lib64", "/lib32", "/etc/ld.so.cache", "/etc/localtime", "/dev/urandom")
 
 
@@ -140,81 +145,100 @@ def _guard() -> None:
                 setattr(module, name, disabled)
 
 
-def _sandbox_main(payload_fd: int, ready_fd: int, results_fd: int) -> None:
-    """Confine this process, run the program, then each op, writing one record per op to `results_fd`."""
+def _sandbox_main(payload_fd: int, ready_fd: int, requests_fd: int, answers_fd: int) -> None:
+    """Confine this process, then answer the judge's requests one line each, in order, until it closes them."""
     with os.fdopen(payload_fd, "rb") as payload:
         job = json.load(payload)
-    # Everything used after untrusted code starts is a local captured now: module globals can be patched.
-    write, exit_now, run, evaluate, build, dumps = os.write, os._exit, exec, eval, compile, json.dumps
-    settrace, setprofile, encode, decode, print_exception = sys.settrace, sys.setprofile, _encode, _decode, _print
-    builtins_dict = vars(builtins)
-    pristine = dict(builtins_dict)
     _confine(job)
-    write(ready_fd, b"ready")  # tells the parent that setup worked; closed before untrusted code runs
+    os.write(ready_fd, b"ready")  # tells the parent that setup worked; closed before untrusted code runs
     os.close(ready_fd)
-
-    budget = _MAX_OUTPUT_BYTES - 1024  # what the judge reads, less room for the notice below
-
-    def report(record: list) -> None:
-        nonlocal budget
-        line = (dumps(record, separators=(",", ":")) + "\n").encode()
-        full = len(line) > budget
-        if full:
-            line = b'["raised","OverflowError","the outputs exceed what the judge reads"]\n'
-        budget -= len(line)
-        view = memoryview(line)
-        while view:
-            view = view[write(results_fd, view) :]
-        if full:
-            exit_now(0)  # nothing after this would be read
-
-    def raised(error: BaseException) -> list:
-        if isinstance(error, MemoryError):
-            write(2, b"MemoryError\n")  # formatting a traceback may itself need memory
-            return ["raised", "MemoryError", ""]
-        print_exception(error)
-        return ["raised", type(error).__name__, str(error)[:_DETAIL_CHARS]]
-
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
+    objects = _Objects(job["program"])
     try:
-        run(build(job["program"], "<program>", "exec"), namespace)
-    except BaseException as error:
-        record = raised(error)
-        report(record)
-        exit_now(_CRASHED if record[1] == "MemoryError" else 0)
-    report(["ok"])
-    settrace(None)
-    setprofile(None)
-    builtins_dict.clear()
-    builtins_dict.update(pristine)
-    namespace["__builtins__"] = builtins
-    for kind, source, *arguments in job["ops"]:
+        _serve(objects, requests_fd, answers_fd)
+    except MemoryError:  # building an answer the memory cap leaves no room for
+        os._exit(_CRASHED)
+
+
+def _serve(objects: _Objects, requests_fd: int, answers_fd: int) -> None:
+    with os.fdopen(requests_fd, "rb") as requests:
+        for line in requests:
+            answer = objects.answer(line)
+            view = memoryview((json.dumps(answer, separators=(",", ":")) + "\n").encode())
+            while view:
+                view = view[os.write(answers_fd, view) :]
+    os._exit(0)  # the judge is done
+
+
+_ACTIONS = {
+    "getattr": getattr, "setattr": setattr, "getitem": operator.getitem, "setitem": operator.setitem, "len": len,
+    "bool": bool, "iter": iter, "next": next,
+}  # fmt: skip
+
+
+class _Objects:
+    """The program's namespace and every object the judge holds a handle to, by number; the requests on them."""
+
+    def __init__(self, program: str) -> None:
+        self.program = program
+        self.namespace = {"__name__": "__main__", "__builtins__": builtins}
+        self.held: list = []
+        self.numbers: dict[int, int] = {}  # id() of a held object -> its number (held objects keep their ids)
+
+    def handle(self, item: object) -> dict:
+        number = self.numbers.setdefault(id(item), len(self.held))
+        if number == len(self.held):
+            self.held.append(item)
+        return {"handle": [number, type(item).__qualname__]}
+
+    def untag(self, item: dict) -> object:
+        return _untag(item, self.held_object)
+
+    def held_object(self, tag: str, body: object) -> object:
+        if tag != "ref" or type(body) is not int or not 0 <= body < len(self.held):
+            raise ValueError(f"unknown tag {tag!r}")
+        return self.held[body]
+
+    def answer(self, line: bytes) -> list:
+        """["names", the program's names] to "run", else ["value", data or handles], or ["raised", type, message]."""
+        request = ["?"]
         try:
-            if kind == "exec":
-                run(build(source, "<tests>", "exec"), namespace)
-                record = ["ok"]
-            else:
-                if kind == "eval":
-                    value = evaluate(build(source, "<tests>", "eval"), namespace)
-                else:
-                    function = namespace[source] if source in namespace else pristine.get(source)
-                    if function is None:
-                        raise NameError(f"name {source!r} is not defined")
-                    args, kwargs = decode(arguments[0])
-                    value = function(*args, **kwargs)
-                try:
-                    record = ["value", encode(value)]
-                except RecursionError:
-                    record = ["value", {"opaque": "nested too deeply"}]
-        except BaseException as error:
-            record = raised(error)
-        report(record)
-    exit_now(0)
+            request = json.loads(line, object_hook=self.untag)  # a handle the program forged may name nothing
+            if request[0] == "run":
+                exec(compile(self.program, "<program>", "exec"), self.namespace)
+                return ["names", [name for name in self.namespace if type(name) is str][:_MAX_NAMES]]
+            value = self.act(*request)
+            try:
+                return ["value", _encode(value, self.handle)]
+            except RecursionError:
+                return ["raised", "RecursionError", "the value is nested too deeply to return"]
+        except BaseException as error:  # the program's, reported to the judge; never this process's end
+            if isinstance(error, MemoryError):
+                os.write(2, b"MemoryError\n")  # formatting a traceback may itself need memory
+                return ["raised", "MemoryError", ""]
+            return ["raised", type(error).__name__, _described(error, traced=request[0] in ("run", "call"))]
+
+    def act(self, kind: str, *arguments: object) -> object:
+        if kind == "global":
+            if arguments[0] not in self.namespace:
+                raise NameError(f"name {arguments[0]!r} is not defined")
+            return self.namespace[arguments[0]]
+        target = self.held[arguments[0]]
+        if kind == "call":
+            args, kwargs = arguments[1]
+            return target(*args, **kwargs)
+        return _ACTIONS[kind](target, *arguments[1:])
 
 
-def _print(error: BaseException) -> None:
-    traceback.print_exception(error)
-    sys.stderr.flush()
+def _described(error: BaseException, traced: bool) -> str:
+    """The start of `error`'s message, with its traceback on stderr where `traced` (the program's code raised it, not a
+    probe such as the length hint `list()` asks for); the program's exception may fail to print itself."""
+    try:
+        if traced:
+            traceback.print_exception(error)
+            sys.stderr.flush()
+        return str(error)[:_DETAIL_CHARS]
+    except Exception:
+        return "(the exception could not be printed)"
 
 
 def _confine(job: dict) -> None:
@@ -232,4 +256,4 @@ def _confine(job: dict) -> None:
 
 
 if __name__ == "__main__":
-    _sandbox_main(*map(int, sys.argv[1:4]))
+    _sandbox_main(*map(int, sys.argv[1:5]))

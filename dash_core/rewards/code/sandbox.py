@@ -1,4 +1,4 @@
-"""Launching one run of the harness: bubblewrap (layer 1), the seccomp filter (layer 5), collecting its records.
+"""Launching one run of the harness: bubblewrap (layer 1), the seccomp filter (layer 5), the conversation with it.
 
 Each run is harness.py started as a script in a new session, with stdin and stdout on /dev/null, a clean environment
 (PATH, HOME=its directory, a fixed hash seed, one BLAS thread; no AWS_*, MLFLOW_* or other secrets) and Python's
@@ -16,8 +16,8 @@ set up here (1, and 5's filter) and by the harness itself (2 to 6, described in 
    family (socket, socketpair, io_uring), no new processes (fork, vfork, clone without CLONE_THREAD; clone3 answers
    ENOSYS so that threads fall back to clone), no SysV or POSIX IPC objects, memfd or keyring entries (nothing outlives
    the run or escapes its memory cap), no new namespaces, bpf, ptrace, userfaultfd or perf events.
-The run's records come back on a pipe, at most 16 MiB of them, for judge.py to read; a missing one is judged by how
-the run ended (timeout, crash, early exit).
+The judge talks to the run over two pipes (_Run): a request line in, exactly one answer line out, in order, at most
+16 MiB of answers in all; an answer that never comes is judged by how the run ended (timeout, crash, early exit).
 """
 
 from __future__ import annotations
@@ -38,7 +38,6 @@ import time
 
 from . import harness, values
 from .harness import _CRASHED, _DETAIL_CHARS, _MAX_DISK_BYTES, _MAX_OUTPUT_BYTES
-from .judge import _Outputs
 
 _log = logging.getLogger(__name__)
 
@@ -166,36 +165,65 @@ def _parents(path: str) -> list[str]:
     return ["/" + "/".join(parts[: i + 1]) for i in range(len(parts))]
 
 
-def _run_sandboxed(program: str, ops: tuple[tuple, ...], timeout_s: float, memory_mb: int) -> _Outputs:
-    """Start the harness on `program` and `ops`, collect its records until it exits or the limit, then kill it."""
-    bwrap = _bwrap()
-    uid = _SANDBOX_UID_BASE + int.from_bytes(os.urandom(8), "big") % _SANDBOX_UID_COUNT if os.geteuid() == 0 else None
-    with contextlib.ExitStack() as stack:
+class _Stop(BaseException):
+    """Judging cannot go on: the run ended, ran out of time or broke the protocol; the status and reason say how.
+    Not an Exception: the tests, which run in the judge, cannot catch it."""
+
+    def __init__(self, status: str, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+class _Run:
+    """One run of the harness on one program, a conversation: each request line gets one answer line, in order.
+
+    Bytes from the run that no request asked for (before a request, or after the last) fail the program, and so does
+    more than 16 MiB of answers in all; the wall-clock limit covers the whole conversation, the judge's side included.
+    """
+
+    def __init__(self, program: str, timeout_s: float, memory_mb: int) -> None:
+        self.timeout_s, self.deadline = timeout_s, time.monotonic() + timeout_s
+        self._answers, self._stderr, self._received = bytearray(), bytearray(), 0
+        self._returncode: int | None = None
+        self._stack = contextlib.ExitStack()
+        try:
+            self._start(program, memory_mb)
+        except BaseException:
+            self._stack.close()
+            raise
+
+    def _start(self, program: str, memory_mb: int) -> None:
+        bwrap = self._bwrap = _bwrap()
+        uid = (
+            _SANDBOX_UID_BASE + int.from_bytes(os.urandom(8), "big") % _SANDBOX_UID_COUNT if os.geteuid() == 0 else None
+        )
         if bwrap:
             workdir = _SANDBOX_DIR
         else:
-            workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="dash-sandbox-"))
+            workdir = self._stack.enter_context(tempfile.TemporaryDirectory(prefix="dash-sandbox-"))
             if uid is not None:
                 os.chown(workdir, uid, uid)
-        payload, ready = (stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
+        payload, self._ready = (self._stack.enter_context(tempfile.TemporaryFile()) for _ in range(2))
         job = {
             "program": program,
-            "ops": ops,
             "workdir": workdir,
             "uid": uid,
-            "timeout_s": timeout_s,
+            "timeout_s": self.timeout_s,
             "memory_mb": memory_mb,
             "seccomp": _syscall_filter().hex(),
         }
         payload.write(json.dumps(job).encode())
         payload.seek(0)
-        results_read, results_write = os.pipe()
-        stderr_read, stderr_write = os.pipe()
-        stack.callback(os.close, results_read)
-        stack.callback(os.close, stderr_read)
-        fds = (payload.fileno(), ready.fileno(), results_write)
+        requests_read, self._requests = os.pipe()
+        self._answers_fd, answers_write = os.pipe()
+        self._stderr_fd, stderr_write = os.pipe()
+        self._stack.callback(self._close_requests)
+        self._stack.callback(os.close, self._answers_fd)
+        self._stack.callback(os.close, self._stderr_fd)
+        os.set_blocking(self._requests, False)
+        fds = (payload.fileno(), self._ready.fileno(), requests_read, answers_write)
         try:
-            proc = subprocess.Popen(
+            self._proc = subprocess.Popen(
                 [*(bwrap or ()), sys.executable, *_ISOLATION, harness.__file__, *map(str, fds)],
                 cwd=None if bwrap else workdir,
                 env=_clean_env(workdir),
@@ -206,59 +234,122 @@ def _run_sandboxed(program: str, ops: tuple[tuple, ...], timeout_s: float, memor
                 start_new_session=True,
             )
         finally:
-            os.close(results_write)
-            os.close(stderr_write)
+            for fd in (requests_read, answers_write, stderr_write):
+                os.close(fd)
+        self._stack.callback(self._kill)
+        self._pidfd = os.pidfd_open(self._proc.pid)
+        self._stack.callback(os.close, self._pidfd)
+        self._poller = select.poll()  # not select(): a trainer's descriptors may be numbered past FD_SETSIZE
+        for fd in (self._pidfd, self._answers_fd, self._stderr_fd):
+            self._poller.register(fd, select.POLLIN)
+
+    def __enter__(self) -> _Run:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    @property
+    def stderr(self) -> str:
+        return _text(self._stderr)
+
+    def exchange(self, request: bytes) -> bytes:
+        """Send one request line; its answer line, or _Stop."""
+        if time.monotonic() > self.deadline:  # answers that each come at once (an endless generator) end here
+            self._kill()
+            raise _Stop("timeout", f"stopped after {self.timeout_s:g} s")
+        self._pump(wait=False)
+        if self._answers:
+            raise _Stop("failed", "the program wrote answers to questions the judge had not asked")
+        view = memoryview(request)
+        while view:
+            if self._requests in {fd for fd, _ in self._pump(wait=True, writing=True)}:
+                try:
+                    view = view[os.write(self._requests, view) :]
+                except BlockingIOError:
+                    pass
+                except BrokenPipeError:  # the run ended: how, its answers pipe will tell
+                    while True:
+                        self._pump(wait=True)
+        while b"\n" not in self._answers:
+            self._pump(wait=True)
+        line, _, self._answers = self._answers.partition(b"\n")
+        return bytes(line)
+
+    def finish(self) -> None:
+        """Close the requests and wait for the run to end: _Stop if it writes anything more, or runs out of time."""
+        self._close_requests()
         try:
-            timed_out, results, overflow, stderr = _collect(proc.pid, results_read, stderr_read, timeout_s)
+            while True:
+                self._pump(wait=True)
+        except _Stop as stop:
+            if stop.status == "timeout":
+                raise
+        if self._answers:
+            raise _Stop("failed", "the program wrote answers to questions the judge had not asked")
+
+    def _pump(self, wait: bool, writing: bool = False) -> list[tuple[int, int]]:
+        """Read what the run wrote, after waiting until the time limit for it to write (or, `writing`, for the
+        requests pipe to take more); _Stop when the run ended, ran out of time or wrote too much."""
+        left = max(self.deadline - time.monotonic(), 0) if wait else 0
+        if writing:
+            self._poller.register(self._requests, select.POLLOUT)
+        try:
+            events = self._poller.poll(left * 1000)
         finally:
-            with contextlib.suppress(ProcessLookupError):  # the leader is not reaped yet, so the group id is ours
-                os.killpg(proc.pid, signal.SIGKILL)  # bwrap's death ends its PID namespace
-            returncode = proc.wait()
-        if bwrap and returncode > 128:  # bwrap exits with 128 + the signal that ended its command
-            returncode = 128 - returncode
-        ready.seek(0)
-        if not timed_out and ready.read() != b"ready":
-            raise RuntimeError(f"the code sandbox could not be set up: {stderr}")
-    if timed_out or returncode == -signal.SIGXCPU:
-        ended = ("timeout", f"stopped after {timeout_s:g} s")
-    elif overflow:
-        ended = ("failed", f"the program returned more than {_MAX_OUTPUT_BYTES >> 20} MiB")
-    elif returncode < 0 or returncode == _CRASHED:
-        ended = ("crashed", f"the program died (exit status {returncode})")
-    else:
-        ended = ("failed", "the program stopped before the tests finished")
-    return _Outputs(results.split(b"\n")[:-1], ended, stderr)
-
-
-def _collect(pid: int, results_fd: int, stderr_fd: int, timeout_s: float) -> tuple[bool, bytes, bool, str]:
-    """Read both pipes until the process exits and they close, or the limit: (timed out, results, overflow, stderr)."""
-    deadline = time.monotonic() + timeout_s
-    pidfd = os.pidfd_open(pid)
-    results, stderr = bytearray(), bytearray()
-    overflow = False
-    waiting = {pidfd, results_fd, stderr_fd}
-    poller = select.poll()  # not select(): a trainer's descriptors may be numbered past FD_SETSIZE
-    for fd in waiting:
-        poller.register(fd, select.POLLIN)
-    try:
-        while waiting:
-            events = poller.poll(max(deadline - time.monotonic(), 0) * 1000)
-            if not events:
-                return True, bytes(results), overflow, _text(stderr)
-            for fd, _ in events:
-                chunk = b"" if fd == pidfd else os.read(fd, 1 << 16)  # pidfd: exited; the pipes still hold the end
+            if writing:
+                self._poller.unregister(self._requests)
+        if wait and not events:
+            self._kill()
+            raise _Stop("timeout", f"stopped after {self.timeout_s:g} s")
+        for fd, _ in events:
+            if fd == self._pidfd:  # it exited: what it wrote is still in the pipes
+                self._poller.unregister(fd)
+            elif fd == self._stderr_fd:
+                chunk = os.read(fd, 1 << 16)
+                self._stderr = (self._stderr + chunk)[-4 * _DETAIL_CHARS :]
                 if not chunk:
-                    poller.unregister(fd)
-                    waiting.discard(fd)
-                elif fd == stderr_fd:
-                    stderr = (stderr + chunk)[-4 * _DETAIL_CHARS :]
-                elif len(results) + len(chunk) <= _MAX_OUTPUT_BYTES:
-                    results += chunk
-                else:
-                    overflow = True  # keep draining, so the program is not blocked on a full pipe
-        return False, bytes(results), overflow, _text(stderr)
-    finally:
-        os.close(pidfd)
+                    self._poller.unregister(fd)
+            elif fd == self._answers_fd:
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    raise self._ended()
+                self._received += len(chunk)
+                if self._received > _MAX_OUTPUT_BYTES:
+                    self._kill()
+                    raise _Stop("failed", f"the program returned more than {_MAX_OUTPUT_BYTES >> 20} MiB")
+                self._answers += chunk
+        return events
+
+    def _ended(self) -> _Stop:
+        """How the run ended, once its answers pipe closed; RuntimeError if it never got as far as running code."""
+        with contextlib.suppress(subprocess.TimeoutExpired):  # bwrap may be a moment behind its command
+            self._proc.wait(timeout=max(min(self.deadline - time.monotonic(), 1.0), 0))
+        returncode = self._kill()
+        if self._bwrap and returncode > 128:  # bwrap exits with 128 + the signal that ended its command
+            returncode = 128 - returncode
+        self._ready.seek(0)
+        if self._ready.read() != b"ready":
+            raise RuntimeError(f"the code sandbox could not be set up (exit status {returncode}): {self.stderr}")
+        if returncode == -signal.SIGXCPU:
+            return _Stop("timeout", f"stopped after {self.timeout_s:g} s of CPU time")
+        if returncode < 0 or returncode == _CRASHED:
+            return _Stop("crashed", f"the program died (exit status {returncode})")
+        return _Stop("failed", "the program stopped before the tests finished")
+
+    def _close_requests(self) -> None:
+        """Tell the harness there is nothing more to answer (once: the number may be another pipe's afterwards)."""
+        if self._requests is not None:
+            os.close(self._requests)
+            self._requests = None
+
+    def _kill(self) -> int:
+        """End the run (bwrap's death ends its PID namespace, and everything in it) and reap it: its exit status."""
+        if self._returncode is None:
+            with contextlib.suppress(ProcessLookupError):  # the leader is not reaped yet, so the group id is ours
+                os.killpg(self._proc.pid, signal.SIGKILL)
+            self._returncode = self._proc.wait()
+        return self._returncode
 
 
 def _text(data: bytes) -> str:
