@@ -26,7 +26,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dash_core.models import save_model
+from dash_core.models import adapted, adapter_weights, base_digest, save_adapter, save_model
 from dash_core.store import RunStore
 
 log = logging.getLogger(__name__)
@@ -42,7 +42,7 @@ class InvalidCheckpoint(ValueError):
 @dataclass
 class Checkpoint:
     iteration: int
-    model_dir: Path  # a local copy, loadable with from_pretrained
+    model_dir: Path  # a local copy, loadable with from_pretrained (or, a LoRA run's, with load_policy)
     trainer_state: dict[str, Any]
 
 
@@ -79,13 +79,18 @@ def write_checkpoint(
     weights: dict[str, torch.Tensor],
     trainer_state: dict[str, Any],
     keep: int,
+    base: dict[str, str] | None = None,
 ) -> str:
-    """Write `weights` (a snapshot of `policy`'s state dict) and `trainer_state`, then move the pointer to them.
+    """Write `weights` (a snapshot of `policy`'s state dict, or of its LoRA adapter's, which then names its `base`)
+    and `trainer_state`, then move the pointer to them.
 
     `policy` only lends its config and class (its live weights may already be newer)."""
     name = f"checkpoints/iter_{iteration:06d}"
     with tempfile.TemporaryDirectory() as tmp:
-        save_model(policy, tokenizer, tmp, weights)
+        if base is None:
+            save_model(policy, tokenizer, tmp, weights)
+        else:
+            save_adapter(policy, tokenizer, tmp, base, weights)
         torch.save({**trainer_state, "iteration": iteration}, Path(tmp) / TRAINER_STATE)
         files = {file.name: _fingerprint(file) for file in sorted(Path(tmp).iterdir())}
         store.put_dir(tmp, name)
@@ -100,10 +105,13 @@ def write_checkpoint(
 class Checkpointer:
     """Snapshots on the caller's thread, writes on one background thread; `saved` is the newest complete one."""
 
-    def __init__(self, store: RunStore, tokenizer: PreTrainedTokenizerBase, keep: int):
+    def __init__(self, store: RunStore, tokenizer: PreTrainedTokenizerBase, keep: int, base_source: str = ""):
+        """`base_source`: the base model a LoRA adapter is trained on (a model name, or the folder of a warm-up)."""
         self.store = store
         self.tokenizer = tokenizer
         self.keep = keep
+        self.base_source = base_source
+        self._base: dict[str, str] | None = None  # base_source and its checksum, once computed (the base is frozen)
         self.saved = 0  # iteration of the newest checkpoint whose pointer is written
         self.requested = 0  # iteration of the newest snapshot (written, or being written)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dash-checkpoint")
@@ -112,13 +120,16 @@ class Checkpointer:
     def save(self, iteration: int, policy: PreTrainedModel, trainer_state: dict[str, Any]) -> None:
         """Snapshot `policy` and `trainer_state` (with the RNG states) now; write them in the background."""
         self.wait()
-        weights = cpu_copy(policy.state_dict())
+        weights = cpu_copy(adapter_weights(policy) if adapted(policy) else policy.state_dict())
         state = cpu_copy({**trainer_state, "rng": rng_state()})
         self._pending = self._writer.submit(self._write, iteration, policy, weights, state)
         self.requested = iteration
 
     def _write(self, iteration: int, policy: PreTrainedModel, weights: dict, state: dict) -> None:
-        write_checkpoint(self.store, iteration, policy, self.tokenizer, weights, state, self.keep)
+        if adapted(policy) and self._base is None:
+            self._base = {"source": self.base_source, "sha256": base_digest(policy)}
+        base = self._base if adapted(policy) else None
+        write_checkpoint(self.store, iteration, policy, self.tokenizer, weights, state, self.keep, base)
         self.saved = iteration
 
     def wait(self) -> None:

@@ -172,6 +172,17 @@ class AlgoConfig(Section):
         return rule
 
 
+class LoraConfig(Section):
+    """A LoRA adapter (through peft): the learner trains and syncs only it; the base weights stay frozen."""
+
+    rank: int = Field(16, gt=0)
+    alpha: float = Field(32.0, gt=0, description="scale of the adapter's update: alpha / rank")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names (q_proj, v_proj, ...) that get an adapter; all-linear: every linear layer but the LM head"
+    )
+
+
 class LearnerConfig(Section):
     lr: float = Field(3e-4, gt=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -193,6 +204,7 @@ class LearnerConfig(Section):
         description="sequences of a micro-batch end to end in one row, no padding (position ids restart per sequence); "
         "None: when the attention is variable-length (flash-attention), which skips the masked part; other kernels compute it",
     )
+    lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of every weight; None: full fine-tuning")
     data_parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="with several learner processes (dashrl train --learners N, torchrun): ddp keeps the whole model, "

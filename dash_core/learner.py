@@ -12,6 +12,8 @@ import itertools
 import logging
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +24,7 @@ from transformers import PreTrainedModel
 
 from dash_core.config import AlgoConfig, LearnerConfig
 from dash_core.memory import PeakMemory, available_bytes
+from dash_core.models import adapted
 from dash_core.rules import RULES, normalise, objective
 from dash_core.store import BatchManifest, RunStore
 from dash_core.team import SOLO, Team, summing_gradients
@@ -245,7 +248,8 @@ class Learner:
             team.load_full(policy, weights)
         elif team.size > 1:
             self.logprobs = team.data_parallel(self.logprobs, policy.device)
-        self.optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)  # the shards, if sharded
+        trainable = [param for param in policy.parameters() if param.requires_grad]  # the shards, if sharded; the adapter's, with LoRA
+        self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
         """The rule's optimizer steps over the batch's kept rows (which the store keeps first), and their metrics.
@@ -290,6 +294,12 @@ class Learner:
             return self.optimizer.state_dict()
         return get_optimizer_state_dict(self.policy, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
+    @property
+    def needs_reference(self) -> bool:
+        """A KL penalty needs a frozen reference model, unless the policy is a LoRA adapter on a frozen base: then
+        the reference is the policy with its adapter off, and no second copy is held."""
+        return self.algo.beta > 0 and self.reference is None and not adapted(self.policy)
+
     def use_reference(self, reference: PreTrainedModel | None) -> None:
         """The frozen KL reference (the first process's; the others pass None and copy its weights into a model of
         the policy's shape)."""
@@ -317,7 +327,7 @@ class Learner:
         In a team, the gradients of every process's chunks are summed in the backward pass of each one's last
         chunk, and the loss is normalised by the whole step's tokens; a process without chunks runs `stand_in` (a
         row) with weight 0, so that it still takes part in that sum."""
-        if self.algo.beta > 0 and self.reference is None:
+        if self.needs_reference:
             raise ValueError("a KL penalty (algo.beta > 0) needs a reference model: call learner.use_reference first")
         self.policy.train()
         self.optimizer.zero_grad(set_to_none=True)
@@ -370,10 +380,22 @@ class Learner:
             tensors = self._tensors(chunk, logp.shape)
             ref = None
             if self.algo.beta > 0:
-                with torch.no_grad():
-                    ref, _ = completion_logprobs(self.reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
+                with torch.no_grad(), self._reference() as reference:
+                    ref, _ = completion_logprobs(reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
             loss, kl, clipped = objective(self.rule, logp, mask, tensors, ref, self.algo.clip_eps, self.algo.beta, self.is_cap)
         return loss, kl, clipped, logp, mask, tensors
+
+    @contextmanager
+    def _reference(self) -> Iterator[PreTrainedModel]:
+        """The KL reference: the frozen copy, or the policy itself with its LoRA adapter off."""
+        if self.reference is not None:
+            yield self.reference
+            return
+        self.policy.disable_adapters()
+        try:
+            yield self.policy
+        finally:
+            self.policy.enable_adapters()
 
     def _sampler_gap(self, logp: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor, stats: LearnStats) -> list[float]:
         """How far the learner's log-probs are from the sampler's on a chunk's tokens: sums over tokens of the

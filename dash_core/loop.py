@@ -159,7 +159,8 @@ def step(run: TrainingRun, iteration: int, ahead: SamplingAhead | None) -> None:
     with run.phase("learn"):
         learn(run, batch)  # each process its share of the kept rows, in its micro-batches: the rule's optimizer steps
     with run.phase("sync"):
-        sync(run)  # the samplers take the new weights
+        sync(run, adapter_only=True)  # the samplers take the new weights (with LoRA, the adapter's)
+    run.metrics["sync/bytes"] = run.sampler.synced_bytes
     if ahead:
         ahead.publish(iteration)
 
@@ -276,7 +277,7 @@ def learn(run: TrainingRun, manifest: BatchManifest) -> None:
         run.metrics |= {"train/loss": 0.0, "train/grad_norm": 0.0}
     else:
         state.empty_iterations = 0
-        if algo.beta > 0 and run.learner.reference is None:
+        if run.learner.needs_reference:
             run.learner.use_reference(run.warmup.reference() if run.team.leads else None)
         run.metrics |= run.learner.learn(run.store, manifest)
     state.iteration = manifest.iteration
@@ -284,10 +285,11 @@ def learn(run: TrainingRun, manifest: BatchManifest) -> None:
     run.metrics["samples/total"] = state.samples_total
 
 
-def sync(run: TrainingRun) -> None:
-    """Every process's sampler takes the learned weights (gathered whole first, when sharded)."""
+def sync(run: TrainingRun, adapter_only: bool = False) -> None:
+    """Every process's sampler takes the learned weights (gathered whole first, when sharded); `adapter_only`: only
+    a LoRA adapter learned since the last sync (not at start-up or after a warm-up, which set the base)."""
     run.learner.export_weights(run.policy)
-    run.sampler.load_weights(run.policy)
+    run.sampler.load_weights(run.policy, adapter_only)
 
 
 def warm_up(run: TrainingRun) -> dict[str, float]:

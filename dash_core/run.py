@@ -102,15 +102,17 @@ class TrainingRun:
         self.sync_dir = self._sync_dir()
         sampler_cfg = config.sampler.model_copy(update={"remote": self._my_servers(config.sampler.remote.urls)})
         self.policy, self.tokenizer, self.sampler = policy_sampler(
-            config.model, sampler_cfg, config.seed, self.sync_dir, path=checkpoint_dir, private=self.runs_ahead
-        )
+            config.model, sampler_cfg, config.seed, self.sync_dir, path=checkpoint_dir, private=self.runs_ahead,
+            lora=config.learner.lora, storage_options=config.store.storage_options,
+        )  # fmt: skip
         member.align(self.policy)  # the first process's weights (a checkpoint's, or a seed's on another device)
         off_policy = config.sampler.max_staleness != 0
         self.learner = Learner(self.policy, config.learner, config.algo, self.tokenizer.pad_token_id, team=member, off_policy=off_policy)
         self.rule = RULES[config.algo.rule]
         self.warmup = WarmUp(config, self.policy, self.tokenizer, self.task, self.sampler, self.encode, self.sampling(1))
         self.teacher = Teacher(config)
-        self.checkpointer = Checkpointer(store, self.tokenizer, config.checkpoint.keep)
+        base = self.warmup.model_url if config.warmup.steps else config.model.name  # what a LoRA adapter is trained on
+        self.checkpointer = Checkpointer(store, self.tokenizer, config.checkpoint.keep, base)
         self.checkpoint_clock = time.monotonic()  # when the last checkpoint was taken (checkpoint.every_minutes)
         self.state = RunState(staleness=config.sampler.max_staleness if isinstance(config.sampler.max_staleness, int) else 1)
         self.metrics: dict[str, float] = {}  # the iteration in progress (or last done), filled phase by phase

@@ -21,7 +21,7 @@ from dash_core.config import AlgoConfig, DashConfig, LearnerConfig
 from dash_core.data import Problem, Task
 from dash_core.evaluation import evaluate
 from dash_core.learner import Learner
-from dash_core.models import load_policy, save_model
+from dash_core.models import base_only, load_base_weights, load_policy, save_model
 from dash_core.samplers import Sampler, SamplingParams
 from dash_core.store import RunStore
 from dash_core.traces import as_generations, trace_chunk
@@ -69,15 +69,16 @@ class WarmUp:
     def _train(self) -> list[float]:
         cfg = self.config.warmup
         learner_cfg = LearnerConfig(lr=cfg.lr, weight_decay=WEIGHT_DECAY, micro_batch_size=cfg.batch_size)
-        learner = Learner(self.policy, learner_cfg, AlgoConfig(rule="sft"), self.tokenizer.pad_token_id)
         losses = []
-        for step in range(1, cfg.steps + 1):
-            problems = self.task.train_problems(step - 1, cfg.batch_size, stream="warmup")
-            traces = as_generations(self.tokenizer, [p.solution for p in problems])
-            stats = learner.step([trace_chunk(self.encode(problems), traces)])
-            losses.append(stats.loss_sum / stats.tokens)
-            if self._warm_enough(step):
-                break
+        with base_only(self.policy):  # a LoRA run's adapter starts on the warmed-up base
+            learner = Learner(self.policy, learner_cfg, AlgoConfig(rule="sft"), self.tokenizer.pad_token_id)
+            for step in range(1, cfg.steps + 1):
+                problems = self.task.train_problems(step - 1, cfg.batch_size, stream="warmup")
+                traces = as_generations(self.tokenizer, [p.solution for p in problems])
+                stats = learner.step([trace_chunk(self.encode(problems), traces)])
+                losses.append(stats.loss_sum / stats.tokens)
+                if self._warm_enough(step):
+                    break
         return losses
 
     def _warm_enough(self, step: int) -> bool:
@@ -93,7 +94,12 @@ class WarmUp:
         with tempfile.TemporaryDirectory() as tmp:
             self.cache.get_dir("model", tmp)
             cached, _ = load_policy(self.config.model, path=tmp)
-        model.load_state_dict(cached.state_dict())
+        load_base_weights(model, cached.state_dict())
+
+    @property
+    def model_url(self) -> str:
+        """Where the warmed-up model is kept: the base a LoRA run's adapters name."""
+        return f"{self.cache.url}/model"
 
     def reference(self) -> torch.nn.Module:
         """The frozen KL reference: the policy as RL found it (the base model, after the warm-up if there was one)."""

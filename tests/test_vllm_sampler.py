@@ -105,3 +105,31 @@ def test_train_flow_on_the_vllm_backend(prefect_api, small_config):
     small_config.algo.tau = 0  # every sample reaches the learner, so every iteration measures the gap
     run_id = dash_train(config=small_config)["run_id"]
     assert_on_policy_run(small_config.tracking.uri, run_id, "vllm")
+
+
+def test_a_lora_run_on_the_vllm_backend_syncs_only_the_adapter(small_config):
+    """The engine holds the base; each sync loads the new adapter as a LoRA of its own (the old one dropped), and
+    the engine's logprobs stay the learner's."""
+    from mlflow.tracking import MlflowClient
+
+    from dash_core import loop
+    from dash_core.config import LoraConfig
+    from dash_core.models import adapter_weights, base_weights
+    from dash_core.run import TrainingRun
+
+    small_config.sampler.backend = "vllm"
+    small_config.algo.tau = 0
+    small_config.learner.lora = LoraConfig(rank=8, alpha=16.0)
+    small_config.learner.lr = 3e-3
+    run = TrainingRun.start(small_config)
+    loop.warm_up(run)  # a full sync: the warmed-up base
+    loop.iterations(run, 2)
+    run.finish()
+    assert_on_policy_run(small_config.tracking.uri, run.run_id, "vllm+lora")
+    synced = [m.value for m in MlflowClient(small_config.tracking.uri).get_metric_history(run.run_id, "sync/bytes")]
+    adapter = sum(t.numel() * t.element_size() for t in adapter_weights(run.policy).values())
+    full = sum(t.numel() * t.element_size() for t in base_weights(run.policy).values())
+    assert len(synced) == 2 and all(adapter <= value < adapter + 4096 for value in synced)  # the file: its header too
+    assert adapter < full / 5
+    run.sampler.generate([run.tokenizer.encode("1+2=")], SamplingParams(max_new_tokens=2))
+    assert run.sampler.llm.llm_engine.list_loras() == {run.sampler.lora.lora_int_id}  # the old ones are dropped

@@ -8,12 +8,12 @@ per-token logprobs and can load new weights.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from dash_core.config import ModelConfig, SamplerConfig
-from dash_core.models import load_policy
+from dash_core.config import LoraConfig, ModelConfig, SamplerConfig
+from dash_core.models import add_lora, adapted, load_policy
 from dash_core.samplers.base import Generation, Sampler, SamplingParams, prompt_seed
 from dash_core.samplers.transformers_backend import TransformersSampler
 
@@ -55,9 +55,13 @@ def build_sampler(
 
 
 def policy_sampler(
-    model: ModelConfig, sampler: SamplerConfig, seed: int, sync_dir: str, path: str | None = None, private: bool = False
-) -> LoadedPolicy:
-    """`model` loaded (from the saved directory `path` when given, as `load_policy` does) with the sampler
-    `sampler` configures over it: what a training run, its sft teacher and an evaluation each sample from."""
-    policy, tokenizer = load_policy(model, seed, path=path)
+    model: ModelConfig, sampler: SamplerConfig, seed: int, sync_dir: str, path: str | None = None, private: bool = False,
+    lora: LoraConfig | None = None, storage_options: dict[str, Any] | None = None,
+) -> LoadedPolicy:  # fmt: skip
+    """`model` loaded (from the saved directory `path` when given, as `load_policy` does; a saved adapter brings its
+    base), with a new LoRA adapter if `lora` and it has none, and the sampler `sampler` configures over it: what a
+    training run, its sft teacher and an evaluation each sample from."""
+    policy, tokenizer = load_policy(model, seed, path=path, storage_options=storage_options)
+    if lora is not None and not adapted(policy):
+        add_lora(policy, lora)
     return LoadedPolicy(policy, tokenizer, build_sampler(sampler, policy, tokenizer, seed, sync_dir, private))

@@ -67,9 +67,12 @@ class Sampler(ABC):
         """`params.n` completions per prompt, prompt-major: completion j of prompt i is at i * n + j. `seeds`, one
         per prompt, make each prompt's completions a function of its seed, whatever else the batch holds."""
 
+    synced_bytes: int = 0  # what the last `load_weights` moved to the sampler (0: it samples from the policy itself)
+
     @abstractmethod
-    def load_weights(self, policy: PreTrainedModel) -> None:
-        """Make the next `generate` sample from `policy`'s current weights."""
+    def load_weights(self, policy: PreTrainedModel, adapter_only: bool = False) -> None:
+        """Make the next `generate` sample from `policy`'s current weights; `adapter_only`: only its LoRA adapter
+        changed since the last call, so only the adapter need move."""
 
     def add_servers(self, urls: list[str]) -> None:
         """Sample on these inference servers too (say, servers launched once the sampler exists)."""

@@ -26,6 +26,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
 from transformers.cache_utils import DynamicLayer
 
+from dash_core.models import adapted
 from dash_core.samplers.base import Generation, Sampler, SamplingParams
 
 
@@ -50,13 +51,19 @@ class TransformersSampler(Sampler):
         self._compiled = None
         self._sampling = threading.Lock()  # held by a generate call: new weights wait for it to end
 
-    def load_weights(self, policy: PreTrainedModel) -> None:
+    def load_weights(self, policy: PreTrainedModel, adapter_only: bool = False) -> None:
+        """The private copy takes `policy`'s weights (with `adapter_only`, its adapter's): the adapted policy is sampled
+        as it is, never merged."""
         if not self.private:
             self.policy = policy
             return
+        only_adapter = adapter_only and adapted(policy)
+        self.synced_bytes = 0
         with self._sampling, torch.no_grad():
-            for mine, theirs in zip(self.policy.parameters(), policy.parameters(), strict=True):
-                mine.copy_(theirs)
+            for (name, mine), theirs in zip(self.policy.named_parameters(), policy.parameters(), strict=True):
+                if not only_adapter or ".lora_" in name:
+                    mine.copy_(theirs)
+                    self.synced_bytes += mine.numel() * mine.element_size()
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[Generation]:

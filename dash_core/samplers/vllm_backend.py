@@ -8,6 +8,7 @@ conversion of outputs into `Generation`s are shared with the remote backend, so 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,7 +19,7 @@ from typing import Any
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.config import SamplerConfig
-from dash_core.models import save_model
+from dash_core.models import ADAPTER, adapted, base_weights, save_model, write_adapter
 from dash_core.samplers.base import Generation, Sampler, SamplingParams
 
 
@@ -89,6 +90,8 @@ class VLLMSampler(Sampler):
                 "gpu_memory_utilization": cfg.vllm.gpu_memory_utilization,
                 "enable_sleep_mode": cfg.vllm.sleep_mode,
             }
+        if adapted(policy):  # the engine holds the base; each sync loads the new adapter as a LoRA of its own
+            engine_args |= {"enable_lora": True, "max_loras": 1, "max_lora_rank": policy.peft_config[ADAPTER].r}
         with _unscannable_modules_hidden():
             self.llm = LLM(
                 model=str(model_dir),
@@ -102,6 +105,10 @@ class VLLMSampler(Sampler):
         self.tokenizer = tokenizer
         self.sleeps = not on_cpu and cfg.vllm.sleep_mode
         self.asleep = False
+        self.work_dir = Path(work_dir)
+        self.lora: Any = None  # the LoRARequest of the adapter the engine samples with
+        if adapted(policy):
+            self._load_adapter(policy)
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[Generation]:
         from vllm import SamplingParams as EngineParams
@@ -115,7 +122,7 @@ class VLLMSampler(Sampler):
             requests = [TokensPrompt(prompt_token_ids=p) for p in sent]
             copies = len(sent) // max(len(prompts), 1)  # a greedy request sends each prompt n times
             shaping = EngineParams(**fields) if seeds is None else [EngineParams(**fields, seed=seeds[i // copies]) for i in range(len(sent))]
-            outputs = self.llm.generate(requests, shaping, use_tqdm=False)
+            outputs = self.llm.generate(requests, shaping, use_tqdm=False, lora_request=self.lora)
         finally:
             if self.sleeps:
                 self.llm.sleep(level=1)
@@ -128,16 +135,37 @@ class VLLMSampler(Sampler):
             for c in completions
         ]
 
-    def load_weights(self, policy: PreTrainedModel) -> None:
+    def load_weights(self, policy: PreTrainedModel, adapter_only: bool = False) -> None:
         if self.asleep:
             self.llm.wake_up(tags=["weights"])  # the KV cache stays freed until the new weights are in
-        # The full state dict: it holds lm_head.weight even when tied to the embeddings, and vLLM's tied lm_head
-        # goes stale unless that key is passed explicitly.
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": list(policy.state_dict().items())})
+        self.synced_bytes = 0
+        if not (adapter_only and adapted(policy)):
+            # The full state dict: it holds lm_head.weight even when tied to the embeddings, and vLLM's tied lm_head
+            # goes stale unless that key is passed explicitly.
+            weights = list(base_weights(policy).items())
+            self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": weights})
+            self.synced_bytes = sum(tensor.numel() * tensor.element_size() for _, tensor in weights)
+        if adapted(policy):
+            self._load_adapter(policy)
         if self.asleep:
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
+
+
+    def _load_adapter(self, policy: PreTrainedModel) -> None:
+        """The policy's adapter as the engine's next LoRA (a new id, so no cached state of the old one is reused);
+        the old one is dropped."""
+        from vllm.lora.request import LoRARequest
+
+        old = self.lora
+        version = old.lora_int_id + 1 if old else 1
+        path = self.work_dir / f"adapter-v{version}"
+        self.synced_bytes += write_adapter(policy, path)
+        self.lora = LoRARequest(f"policy-v{version}", version, str(path))
+        if old:
+            self.llm.llm_engine.remove_lora(old.lora_int_id)
+            shutil.rmtree(old.lora_path, ignore_errors=True)
 
 
 @contextmanager
