@@ -169,7 +169,9 @@ def load_latest(store: RunStore, local_dir: str | Path) -> Checkpoint | None:
             shutil.rmtree(folder, ignore_errors=True)
             continue
         if pointer != {"iteration": checkpoint.iteration, "path": f"checkpoints/{name}"}:
-            log.warning("checkpoints/latest.json (%s) does not point at the newest valid checkpoint; using %s", pointer, name)
+            log.warning(
+                "checkpoints/latest.json (%s) does not point at the newest valid checkpoint; using %s", pointer, name
+            )
         return checkpoint
     return None
 
@@ -214,7 +216,10 @@ def _verified(store: RunStore, relpath: str, folder: Path, legacy: bool) -> Chec
     except FileNotFoundError:
         if not legacy:
             raise InvalidCheckpoint("no manifest: its write never finished") from None
-        log.warning("checkpoint %s has no manifest (it predates checksums, or it was lost): checking only that it loads", store.path(relpath))
+        log.warning(
+            "checkpoint %s has no manifest (it predates checksums, or it was lost): checking only that it loads",
+            store.path(relpath),
+        )
         store.get_dir(relpath, folder)
         manifest = {"iteration": iteration, "files": {}}
     except ValueError as exc:
@@ -228,7 +233,9 @@ def _verified(store: RunStore, relpath: str, folder: Path, legacy: bool) -> Chec
             raise InvalidCheckpoint(f"{file} is missing") from None
         found = _fingerprint(folder / file)
         if found != expected:
-            raise InvalidCheckpoint(f"{file} does not match its checksum ({found['bytes']} bytes, {expected['bytes']} expected)")
+            raise InvalidCheckpoint(
+                f"{file} does not match its checksum ({found['bytes']} bytes, {expected['bytes']} expected)"
+            )
     _check_weights(folder)
     try:
         state = torch.load(folder / TRAINER_STATE, weights_only=False)

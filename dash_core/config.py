@@ -101,14 +101,17 @@ def _task_kind(value: Any) -> str:
 
 TASK_KINDS: dict[str, type[BaseModel]] = {"arithmetic": ArithmeticTaskConfig, "dataset": DatasetConfig}
 TaskConfig = Annotated[
-    Annotated[ArithmeticTaskConfig, Tag("arithmetic")] | Annotated[DatasetConfig, Tag("dataset")], Discriminator(_task_kind)
+    Annotated[ArithmeticTaskConfig, Tag("arithmetic")] | Annotated[DatasetConfig, Tag("dataset")],
+    Discriminator(_task_kind),
 ]
 
 
 class VLLMConfig(Section):
     """vLLM engine settings: the in-process engine (`sampler.backend: vllm`) and the servers a run launches."""
 
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1, description="GPU memory fraction for weights + KV cache (launched servers split it)")
+    gpu_memory_utilization: float = Field(
+        0.5, gt=0, le=1, description="GPU memory fraction for weights + KV cache (launched servers split it)"
+    )
     max_model_len: int | None = Field(None, gt=0, description="None: the model's own limit")
     enforce_eager: bool | None = Field(None, description="None: eager on CPU, CUDA graphs on GPU")
     sleep_mode: bool = Field(False, description="GPU: free the engine's memory while the learner runs")
@@ -121,15 +124,24 @@ class RemoteConfig(Section):
     launch: int = Field(0, ge=0, description="local servers the flow starts (and stops) itself")
     base_port: int = Field(8200, gt=0, lt=65536, description="first port of launched servers")
     timeout_s: float = Field(600, gt=0, description="per request; a server past it is dropped and its shard retried")
-    sync_dir: str | None = Field(None, description="folder all servers can read, for weight sync (a subfolder per run); None: the run's store folder (local store) or a temp folder")
-    server_args: list[str] = Field(default_factory=list, description="extra vLLM API server arguments for launched servers")
+    sync_dir: str | None = Field(
+        None,
+        description="folder all servers can read, for weight sync (a subfolder per run); None: the run's store folder (local store) or a temp folder",
+    )
+    server_args: list[str] = Field(
+        default_factory=list, description="extra vLLM API server arguments for launched servers"
+    )
 
 
 class SamplerConfig(Section):
     backend: Literal["transformers", "vllm", "remote"] = "transformers"
     prompts_per_iteration: int = Field(64, gt=0, description="M: prompts in one preemptive batch")
     group_size: int = Field(8, ge=2, description="G: completions per prompt")
-    batch_size: int | None = Field(None, gt=0, description="sequences per `generate` call (transformers backend; vLLM schedules its own); None = all M x G at once")
+    batch_size: int | None = Field(
+        None,
+        gt=0,
+        description="sequences per `generate` call (transformers backend; vLLM schedules its own); None = all M x G at once",
+    )
     max_new_tokens: int = Field(8, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)
@@ -141,7 +153,9 @@ class SamplerConfig(Section):
         "corrected by truncated importance weights, algo.is_cap) while it learns; 0: exactly on-policy (the paper's "
         "DASH); auto: k chosen per block from the learner's idle time, kept down while the mismatch exceeds max_mismatch_kl",
     )
-    max_mismatch_kl: float = Field(1e-3, gt=0, description="max_staleness=auto: the sampler-learner mismatch (train/mismatch_kl) it stays under")
+    max_mismatch_kl: float = Field(
+        1e-3, gt=0, description="max_staleness=auto: the sampler-learner mismatch (train/mismatch_kl) it stays under"
+    )
     vllm: VLLMConfig = VLLMConfig()
     remote: RemoteConfig = RemoteConfig()
 
@@ -158,11 +172,23 @@ class AlgoConfig(Section):
     scale_std: bool = Field(True, description="divide group-centred rewards by the group's std")
     beta: float = Field(0.0, ge=0, description="KL coefficient to a frozen reference (k3); 0 loads no reference")
     clip_eps: float = Field(0.2, gt=0, description="PPO clip range of the ratio pi / pi_old (grpo, ppo_*)")
-    ppo_steps: int = Field(1, gt=0, description="K: optimizer steps over the batch (ppo_multi) or minibatches (ppo_mini)")
-    sft_source: Literal["human", "teacher"] = Field("human", description="sft: human solutions, or a teacher's correct traces")
-    teacher: str | None = Field(None, description="sft teacher: model id or directory ('sweep:<preset>' inside a sweep)")
-    max_empty_iterations: int = Field(20, gt=0, description="stop after this many iterations in a row with nothing kept")
-    is_cap: float = Field(2.0, gt=0, description="cap of the importance weights pi / pi_old of samples from an older policy (sampler.max_staleness)")
+    ppo_steps: int = Field(
+        1, gt=0, description="K: optimizer steps over the batch (ppo_multi) or minibatches (ppo_mini)"
+    )
+    sft_source: Literal["human", "teacher"] = Field(
+        "human", description="sft: human solutions, or a teacher's correct traces"
+    )
+    teacher: str | None = Field(
+        None, description="sft teacher: model id or directory ('sweep:<preset>' inside a sweep)"
+    )
+    max_empty_iterations: int = Field(
+        20, gt=0, description="stop after this many iterations in a row with nothing kept"
+    )
+    is_cap: float = Field(
+        2.0,
+        gt=0,
+        description="cap of the importance weights pi / pi_old of samples from an older policy (sampler.max_staleness)",
+    )
 
     @field_validator("rule")
     @classmethod
@@ -179,7 +205,8 @@ class LoraConfig(Section):
     alpha: float = Field(32.0, gt=0, description="scale of the adapter's update: alpha / rank")
     dropout: float = Field(0.0, ge=0, lt=1)
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="module names (q_proj, v_proj, ...) that get an adapter; all-linear: every linear layer but the LM head"
+        "all-linear",
+        description="module names (q_proj, v_proj, ...) that get an adapter; all-linear: every linear layer but the LM head",
     )
 
 
@@ -198,13 +225,17 @@ class LearnerConfig(Section):
         description="fp32 / bf16: weights, optimizer state and arithmetic in that type (model.dtype must match); "
         "bf16-mixed: float32 weights and optimizer state, bfloat16 arithmetic (autocast); None: the model's dtype",
     )
-    activation_checkpointing: bool = Field(False, description="recompute layer activations in the backward pass: less memory, more compute")
+    activation_checkpointing: bool = Field(
+        False, description="recompute layer activations in the backward pass: less memory, more compute"
+    )
     packing: bool | None = Field(
         None,
         description="sequences of a micro-batch end to end in one row, no padding (position ids restart per sequence); "
         "None: when the attention is variable-length (flash-attention), which skips the masked part; other kernels compute it",
     )
-    lora: LoraConfig | None = Field(None, description="train a LoRA adapter instead of every weight; None: full fine-tuning")
+    lora: LoraConfig | None = Field(
+        None, description="train a LoRA adapter instead of every weight; None: full fine-tuning"
+    )
     data_parallel: Literal["ddp", "fsdp"] = Field(
         "ddp",
         description="with several learner processes (dashrl train --learners N, torchrun): ddp keeps the whole model, "
@@ -223,14 +254,18 @@ class WarmupConfig(Section):
     steps: int = Field(1500, ge=0, description="most supervised steps; 0 skips the warm-up")
     batch_size: int = Field(128, gt=0)
     lr: float = Field(1e-3, gt=0)
-    target_accuracy: float | None = Field(0.2, gt=0, le=1, description="stop at this sampled accuracy; None runs all steps")
+    target_accuracy: float | None = Field(
+        0.2, gt=0, le=1, description="stop at this sampled accuracy; None runs all steps"
+    )
     check_every: int = Field(25, gt=0, description="steps between accuracy checks")
 
 
 class EvalConfig(Section):
     every: int = Field(25, gt=0, description="evaluate every N iterations (and before the first and after the last)")
     size: int = Field(500, gt=0, description="held-out problems of a generated task (arithmetic) per evaluation")
-    datasets: list[DatasetConfig] = Field(default_factory=list, description="evaluation sets (in and out of distribution)")
+    datasets: list[DatasetConfig] = Field(
+        default_factory=list, description="evaluation sets (in and out of distribution)"
+    )
     temperature: float = Field(1.0, gt=0, description="temperature of the sampled accuracy")
     n: int = Field(1, gt=0, description="samples per problem for the sampled accuracy and pass@k")
     ks: list[int] = Field(default_factory=list, description="pass@k values to report (each <= n)")
@@ -254,7 +289,8 @@ class RewardConfig(Section):
 
 class StoreConfig(Section):
     url: str | None = Field(
-        None, description=f"fsspec URL of the rollout store: a local folder, s3://bucket/prefix, ...; unset: ${STORE_URL_VARIABLE}, else {DEFAULT_STORE_URL}"
+        None,
+        description=f"fsspec URL of the rollout store: a local folder, s3://bucket/prefix, ...; unset: ${STORE_URL_VARIABLE}, else {DEFAULT_STORE_URL}",
     )
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (e.g. endpoint)")
 
@@ -272,7 +308,8 @@ class StoreConfig(Section):
 
 class TrackingConfig(Section):
     uri: str | None = Field(
-        None, description=f"MLflow tracking URI; unset: $MLFLOW_TRACKING_URI (MLflow's convention), else {DEFAULT_TRACKING_URI}"
+        None,
+        description=f"MLflow tracking URI; unset: $MLFLOW_TRACKING_URI (MLflow's convention), else {DEFAULT_TRACKING_URI}",
     )
     experiment: str = "dash"
     run_name: str | None = None
@@ -288,7 +325,9 @@ class CheckpointConfig(Section):
     Between checkpoints nothing is lost: resume learns the stored batches again."""
 
     every: int | None = Field(10, gt=0, description="checkpoint every N iterations; None: by time only")
-    every_minutes: float | None = Field(None, gt=0, description="checkpoint once this much wall-clock passed since the last")
+    every_minutes: float | None = Field(
+        None, gt=0, description="checkpoint once this much wall-clock passed since the last"
+    )
     keep: int = Field(2, gt=0, description="checkpoints kept in the store (older ones are deleted)")
 
 
@@ -316,11 +355,23 @@ class DashConfig(Section):
             raise ValueError("sampler.batch_size must be a multiple of sampler.group_size (whole groups per call)")
         remote = self.sampler.remote
         if self.sampler.backend == "remote" and not (remote.urls or remote.launch):
-            raise ValueError("sampler.backend=remote needs servers: sampler.remote.urls and/or sampler.remote.launch > 0")
-        if RULES[self.algo.rule].learns_from == "traces" and self.algo.sft_source == "teacher" and not self.algo.teacher:
+            raise ValueError(
+                "sampler.backend=remote needs servers: sampler.remote.urls and/or sampler.remote.launch > 0"
+            )
+        if (
+            RULES[self.algo.rule].learns_from == "traces"
+            and self.algo.sft_source == "teacher"
+            and not self.algo.teacher
+        ):
             raise ValueError("algo.sft_source=teacher needs algo.teacher: a stronger model's id or directory")
         if self.task.name != "arithmetic" and not self.eval.datasets:
-            raise ValueError(f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets")
+            raise ValueError(
+                f"task {self.task.name!r} has no built-in held-out set: list evaluation sets in eval.datasets"
+            )
+        if self.learner.data_parallel == "fsdp" and self.learner.lora:
+            raise ValueError(
+                "learner.lora trains a small adapter on a frozen base, which every process holds whole: use learner.data_parallel=ddp"
+            )
         if self.learner.data_parallel == "fsdp" and self.algo.beta > 0:
             raise ValueError("learner.data_parallel=fsdp has no KL reference model: use ddp, or algo.beta=0")
         if self.sampler.max_staleness != 0:
@@ -331,14 +382,18 @@ class DashConfig(Section):
                     "or transformers (a thread sampling from its own copy of the policy)"
                 )
             if RULES[self.algo.rule].learns_from == "traces":
-                raise ValueError(f"sampler.max_staleness: algo.rule={self.algo.rule} learns from traces, not samples; set it to 0")
+                raise ValueError(
+                    f"sampler.max_staleness: algo.rule={self.algo.rule} learns from traces, not samples; set it to 0"
+                )
         return self
 
     @model_validator(mode="after")
     def _precision_matches_weights(self) -> DashConfig:
         weights = {"fp32": "float32", "bf16": "bfloat16", "bf16-mixed": "float32"}.get(self.learner.precision or "")
         if weights and self.model.dtype != weights:
-            raise ValueError(f"learner.precision={self.learner.precision} keeps {weights} weights: set model.dtype={weights}")
+            raise ValueError(
+                f"learner.precision={self.learner.precision} keeps {weights} weights: set model.dtype={weights}"
+            )
         return self
 
     @model_validator(mode="after")

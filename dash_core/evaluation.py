@@ -109,7 +109,9 @@ def evaluation_sets(config: DashConfig) -> dict[str, list[Problem]]:
 def evaluate_model(config: DashConfig) -> dict[str, EvalResult]:
     """Score `config.model` on `config.eval.datasets` (or, when that is empty, the task's held-out set)."""
     sync_dir = tempfile.mkdtemp(prefix="dash-eval-")
-    _, tokenizer, sampler = policy_sampler(config.model, config.sampler, config.seed, sync_dir)
+    _, tokenizer, sampler = policy_sampler(
+        config.model, config.sampler, config.seed, sync_dir, storage_options=config.store.storage_options
+    )  # a LoRA checkpoint brings its base (say, a warm-up in the store)
     sets = evaluation_sets(config)
     check_sandbox(config, list(sets.values()))
     sampling = eval_sampling(config)

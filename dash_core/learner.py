@@ -152,7 +152,9 @@ def completion_logprobs(
         head = policy.get_output_embeddings()
         recompute = torch.is_grad_enabled()
         pieces = [
-            checkpoint(_token_logprobs, head, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens], use_reentrant=False)
+            checkpoint(
+                _token_logprobs, head, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens], use_reentrant=False
+            )
             if recompute
             else _token_logprobs(head, hidden[i : i + chunk_tokens], targets[i : i + chunk_tokens])
             for i in range(0, len(targets), chunk_tokens)
@@ -178,7 +180,9 @@ class CompletionLogProbs(torch.nn.Module):
         super().__init__()
         self.policy, self.pad_id, self.packed = policy, pad_id, packed
 
-    def forward(self, prompt_ids: list[list[int]], completion_ids: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, prompt_ids: list[list[int]], completion_ids: list[list[int]]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return completion_logprobs(self.policy, prompt_ids, completion_ids, self.pad_id, packed=self.packed)
 
 
@@ -242,13 +246,17 @@ class Learner:
         self.token_budget = None if cfg.tokens_per_micro_batch == "auto" else cfg.tokens_per_micro_batch
         attention = getattr(policy.config, "_attn_implementation", None) or ""
         self.packed = cfg.packing if cfg.packing is not None else attention.startswith("flash_attention")
-        self.logprobs: torch.nn.Module = CompletionLogProbs(policy, pad_id, self.packed)  # what the learner differentiates
+        self.logprobs: torch.nn.Module = CompletionLogProbs(
+            policy, pad_id, self.packed
+        )  # what the learner differentiates
         if self.sharded:
             team.shard(self.logprobs, [m for m in policy.modules() if type(m).__name__ in policy._no_split_modules])
             team.load_full(policy, weights)
         elif team.size > 1:
             self.logprobs = team.data_parallel(self.logprobs, policy.device)
-        trainable = [param for param in policy.parameters() if param.requires_grad]  # the shards, if sharded; the adapter's, with LoRA
+        trainable = [
+            param for param in policy.parameters() if param.requires_grad
+        ]  # the shards, if sharded; the adapter's, with LoRA
         self.optimizer = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     def learn(self, store: RunStore, manifest: BatchManifest) -> dict[str, float]:
@@ -268,7 +276,10 @@ class Learner:
             return []
         if not self.cfg.tokens_per_micro_batch:
             size = self.cfg.micro_batch_size
-            return [{key: values[i : i + size] for key, values in rows.items()} for i in range(0, len(rows["prompt_ids"]), size)]
+            return [
+                {key: values[i : i + size] for key, values in rows.items()}
+                for i in range(0, len(rows["prompt_ids"]), size)
+            ]
         if self.token_budget is None:
             self.token_budget = self.fit_token_budget(rows)
             log.info("learner micro-batches: %d tokens (found for the memory left)", self.token_budget)
@@ -292,7 +303,9 @@ class Learner:
         """Adam's state for a checkpoint (gathered whole into the first process if sharded; every process calls it)."""
         if not self.sharded:
             return self.optimizer.state_dict()
-        return get_optimizer_state_dict(self.policy, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_optimizer_state_dict(
+            self.policy, self.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
 
     @property
     def needs_reference(self) -> bool:
@@ -347,7 +360,10 @@ class Learner:
             stats.backward_s += time.perf_counter() - middle
             if idle:
                 break
-            token_sums = [a + b for a, b in zip(token_sums, self._sampler_gap(logp.detach(), tensors["sampler_logprobs"], mask, stats))]
+            token_sums = [
+                a + b
+                for a, b in zip(token_sums, self._sampler_gap(logp.detach(), tensors["sampler_logprobs"], mask, stats))
+            ]
             stats.loss_sum += loss.item()
             stats.kl_sum += kl.item()
             stats.clipped += clipped.item()
@@ -359,7 +375,9 @@ class Learner:
         token_sums = stats.combine_team(self.team, token_sums)
         if stats.sequences == 0:
             return stats
-        stats.gap_mean, stats.mismatch_kl, stats.is_weight_mean, stats.is_truncated = (s / stats.tokens for s in token_sums)
+        stats.gap_mean, stats.mismatch_kl, stats.is_weight_mean, stats.is_truncated = (
+            s / stats.tokens for s in token_sums
+        )
         normalise(self.policy.parameters(), stats.tokens / self.team.size)  # DDP averaged them
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.grad_clip).item()
         if not (math.isfinite(stats.loss_sum) and math.isfinite(grad_norm)):
@@ -382,7 +400,9 @@ class Learner:
             if self.algo.beta > 0:
                 with torch.no_grad(), self._reference() as reference:
                     ref, _ = completion_logprobs(reference, chunk["prompt_ids"], chunk["completion_ids"], self.pad_id)
-            loss, kl, clipped = objective(self.rule, logp, mask, tensors, ref, self.algo.clip_eps, self.algo.beta, self.is_cap)
+            loss, kl, clipped = objective(
+                self.rule, logp, mask, tensors, ref, self.algo.clip_eps, self.algo.beta, self.is_cap
+            )
         return loss, kl, clipped, logp, mask, tensors
 
     @contextmanager
@@ -397,7 +417,9 @@ class Learner:
         finally:
             self.policy.enable_adapters()
 
-    def _sampler_gap(self, logp: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor, stats: LearnStats) -> list[float]:
+    def _sampler_gap(
+        self, logp: torch.Tensor, sampled: torch.Tensor, mask: torch.Tensor, stats: LearnStats
+    ) -> list[float]:
         """How far the learner's log-probs are from the sampler's on a chunk's tokens: sums over tokens of the
         absolute gap, of the mismatch KL (k3 of the ratio r = pi / pi_old: r - 1 - log r) and of r and its
         truncation; the maxima go into `stats`."""
@@ -406,7 +428,15 @@ class Learner:
         stats.gap_max = max(stats.gap_max, delta.abs().max().item())
         stats.is_weight_max = max(stats.is_weight_max, (ratio * mask).max().item())
         truncated = (ratio > self.is_cap).float() if self.is_cap is not None else torch.zeros_like(ratio)
-        return [s.item() for s in (delta.abs().sum(), ((ratio - 1 - delta) * mask).sum(), (ratio * mask).sum(), (truncated * mask).sum())]
+        return [
+            s.item()
+            for s in (
+                delta.abs().sum(),
+                ((ratio - 1 - delta) * mask).sum(),
+                (ratio * mask).sum(),
+                (truncated * mask).sum(),
+            )
+        ]
 
     def fit_token_budget(self, rows: dict[str, list]) -> int:
         """The largest token budget whose micro-batch fits the device with a margin: one probe micro-batch of the
@@ -434,7 +464,10 @@ class Learner:
         sampler = torch.zeros(shape, device=device)
         for i, row in enumerate(chunk["sampler_logprobs"]):
             sampler[i, : len(row)] = torch.tensor(row, device=device)
-        return {"advantage": torch.tensor(chunk["advantage"], device=device, dtype=torch.float32), "sampler_logprobs": sampler}
+        return {
+            "advantage": torch.tensor(chunk["advantage"], device=device, dtype=torch.float32),
+            "sampler_logprobs": sampler,
+        }
 
 
 def _synchronize(device: torch.device) -> None:

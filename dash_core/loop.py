@@ -98,7 +98,10 @@ def train(run: TrainingRun, hooks: Hooks | None = None) -> None:
         except BaseException:
             if team.leads:
                 run.save_what_is_learned()
-                hooks.say(f"stopped at iteration {run.state.iteration}: resume with  dashrl train --resume {run.run_id}", warning=True)
+                hooks.say(
+                    f"stopped at iteration {run.state.iteration}: resume with  dashrl train --resume {run.run_id}",
+                    warning=True,
+                )
             raise
         finally:
             for server in servers:
@@ -233,7 +236,9 @@ class PartSummary:
     staleness: int
 
 
-def write(run: TrainingRun, batch: ScoredBatch, grades: Grades, metrics: dict[str, float], ahead: bool) -> BatchManifest:
+def write(
+    run: TrainingRun, batch: ScoredBatch, grades: Grades, metrics: dict[str, float], ahead: bool
+) -> BatchManifest:
     """This process's part into the store; then every process learns the whole batch's scores (into `metrics`), and
     the first writes the manifest naming every part, which completes the batch."""
     rollouts = batch.rollouts
@@ -259,7 +264,9 @@ def write(run: TrainingRun, batch: ScoredBatch, grades: Grades, metrics: dict[st
         metrics["train/staleness_mean"] = statistics.fmean(p.staleness for p in parts)
     if run.sampler.servers:
         metrics["sampler/servers"] = len(run.sampler.servers)
-    manifest = BatchManifest(rollouts.iteration, [p.part for p in parts], len(rewards), int(kept.sum()), rewards.mean().item(), metrics)
+    manifest = BatchManifest(
+        rollouts.iteration, [p.part for p in parts], len(rewards), int(kept.sum()), rewards.mean().item(), metrics
+    )
     if run.team.leads:
         run.store.write_manifest(manifest)
     return manifest
@@ -309,7 +316,13 @@ def evaluate(run: TrainingRun, iteration: int) -> dict[str, float]:
     for name, problems in run.eval_sets.items():
         mine = team.groups(len(problems))
         seeds = [prompt_seed(cfg.seed, f"eval:{name}:{iteration}", i) for i in mine]
-        rows = score(problems[mine.start : mine.stop], run.encode(problems[mine.start : mine.stop]), run.sampler, eval_sampling(cfg), seeds)
+        rows = score(
+            problems[mine.start : mine.stop],
+            run.encode(problems[mine.start : mine.stop]),
+            run.sampler,
+            eval_sampling(cfg),
+            seeds,
+        )
         rows = [row for share in team.gather(rows) for row in share]
         metrics |= summary(name, rows, tuple(cfg.eval.ks))
         if cfg.eval.log_samples:
@@ -337,7 +350,11 @@ def replay(run: TrainingRun) -> None:
         run.metrics = {}
         with run.phase("learn"):
             learn(run, manifest)
-        replayed = {key.replace("time/", "time/replay_", 1): value for key, value in run.metrics.items() if key.startswith("time/")}
+        replayed = {
+            key.replace("time/", "time/replay_", 1): value
+            for key, value in run.metrics.items()
+            if key.startswith("time/")
+        }
         learned = {k: v for k, v in run.metrics.items() if not k.startswith("time/")}
         run.metrics = manifest.timings | manifest.metrics | learned | replayed
         if manifest.iteration not in run.logged:
@@ -375,7 +392,9 @@ def _history_ahead(run: TrainingRun) -> str | None:
 def _nothing_left(iterations: int, reward_mean: float) -> str:
     why = f"{iterations} iterations in a row had every group all-right or all-wrong (mean reward {reward_mean:.2f}), "
     if reward_mean >= 1.0:
-        return why + "so the policy solves its training problems: nothing is left to learn; stop, or use harder problems."
+        return (
+            why + "so the policy solves its training problems: nothing is left to learn; stop, or use harder problems."
+        )
     if reward_mean <= 0.0:
         return why + (
             "so the policy gets nothing right and has likely collapsed: resume from an earlier checkpoint with a "

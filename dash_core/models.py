@@ -176,7 +176,9 @@ def write_adapter(policy: PreTrainedModel, path: str | Path, weights: dict[str, 
     """The adapter as a peft folder, what vLLM loads as a LoRA; the bytes of its weights."""
     Path(path).mkdir(parents=True, exist_ok=True)
     policy.peft_config[ADAPTER].save_pretrained(str(path))
-    tensors = save_tensors(weights if weights is not None else adapter_weights(policy), Path(path) / "adapter_model.safetensors")
+    tensors = save_tensors(
+        weights if weights is not None else adapter_weights(policy), Path(path) / "adapter_model.safetensors"
+    )
     return tensors.stat().st_size
 
 

@@ -44,7 +44,9 @@ def run_name(config: DashConfig) -> str:
     return f"{config.algo.rule}-{config.model.name.rstrip('/').rsplit('/', 1)[-1]}-{config.task.name}-seed{config.seed}"
 
 
-def _with_sandbox(tags: dict[str, str] | None, config: DashConfig, data: tuple[Task, dict[str, list[Problem]]]) -> dict[str, str] | None:
+def _with_sandbox(
+    tags: dict[str, str] | None, config: DashConfig, data: tuple[Task, dict[str, list[Problem]]]
+) -> dict[str, str] | None:
     """`tags`, and for a run whose reward executes code, which sandbox runs it (weak: the user's opt-out)."""
     return {**(tags or {}), "dash.sandbox": config.reward.sandbox} if runs_code(problem_sets(data)) else tags
 
@@ -59,7 +61,9 @@ class RunState:
     empty_iterations: int = 0  # iterations in a row whose groups were all filtered out
     warm: bool = False  # the policy holds the warm-up's result
     staleness: int = 0  # how many iterations rollouts may run ahead of the learner now (sampler.max_staleness)
-    staleness_ceiling: int = 4  # the most `max_staleness: auto` may choose (TRL's async default; lowered when the mismatch was too high)
+    staleness_ceiling: int = (
+        4  # the most `max_staleness: auto` may choose (TRL's async default; lowered when the mismatch was too high)
+    )
 
     @classmethod
     def of_checkpoint(cls, checkpoint: Checkpoint) -> RunState:
@@ -107,19 +111,27 @@ class TrainingRun:
         )  # fmt: skip
         member.align(self.policy)  # the first process's weights (a checkpoint's, or a seed's on another device)
         off_policy = config.sampler.max_staleness != 0
-        self.learner = Learner(self.policy, config.learner, config.algo, self.tokenizer.pad_token_id, team=member, off_policy=off_policy)
+        self.learner = Learner(
+            self.policy, config.learner, config.algo, self.tokenizer.pad_token_id, team=member, off_policy=off_policy
+        )
         self.rule = RULES[config.algo.rule]
-        self.warmup = WarmUp(config, self.policy, self.tokenizer, self.task, self.sampler, self.encode, self.sampling(1))
+        self.warmup = WarmUp(
+            config, self.policy, self.tokenizer, self.task, self.sampler, self.encode, self.sampling(1)
+        )
         self.teacher = Teacher(config)
         base = self.warmup.model_url if config.warmup.steps else config.model.name  # what a LoRA adapter is trained on
         self.checkpointer = Checkpointer(store, self.tokenizer, config.checkpoint.keep, base)
         self.checkpoint_clock = time.monotonic()  # when the last checkpoint was taken (checkpoint.every_minutes)
-        self.state = RunState(staleness=config.sampler.max_staleness if isinstance(config.sampler.max_staleness, int) else 1)
+        self.state = RunState(
+            staleness=config.sampler.max_staleness if isinstance(config.sampler.max_staleness, int) else 1
+        )
         self.metrics: dict[str, float] = {}  # the iteration in progress (or last done), filled phase by phase
         self.logged: set[int] = set()  # iterations whose metrics are in MLflow
         self.evaluated: set[int] = set()  # iterations whose evaluation is in MLflow
         self.clock: float | None = None  # when the training loop's clock last started (see `loop.iterations`)
-        self.recent: list[dict[str, float]] = []  # this block's iterations' metrics (`loop.choose_staleness` reads them)
+        self.recent: list[
+            dict[str, float]
+        ] = []  # this block's iterations' metrics (`loop.choose_staleness` reads them)
 
     @property
     def run_id(self) -> str:
@@ -156,13 +168,13 @@ class TrainingRun:
     def launch_servers(self) -> list:
         """The first process starts `sampler.remote.launch` local vLLM servers on the current policy; each process
         then samples on its share of them too. Returns the servers this process started."""
-        from dash_core.serving import launch_servers
+        from dash_core.serving import launch_servers, lora_server_args
 
-        cfg, servers = self.config.sampler, []
+        cfg, servers, lora = self.config.sampler, [], self.config.learner.lora
         if self.team.leads:
-            model_dir = self.save_policy(os.path.join(self.sync_dir, "initial"))
+            model_dir = self.save_policy(os.path.join(self.sync_dir, "initial"))  # a LoRA run's: the base
             servers = launch_servers(
-                model_dir, cfg.remote.launch, cfg.remote.base_port, cfg.remote.server_args,
+                model_dir, cfg.remote.launch, cfg.remote.base_port, [*(lora_server_args(lora.rank) if lora else []), *cfg.remote.server_args],
                 dtype=self.config.model.dtype, max_model_len=cfg.vllm.max_model_len, enforce_eager=cfg.vllm.enforce_eager,
                 gpu_memory_utilization=cfg.vllm.gpu_memory_utilization / cfg.remote.launch,  # the servers share one GPU
             )  # fmt: skip
@@ -206,7 +218,9 @@ class TrainingRun:
             optimizer = checkpoint.trainer_state["optimizer"] if checkpoint else None
             member = team()
             member.agree(Opening(config.model_dump(), run_id, state, optimizer))
-            run = cls(config, member, tracker, store, data, checkpoint_dir=str(checkpoint.model_dir) if checkpoint else None)
+            run = cls(
+                config, member, tracker, store, data, checkpoint_dir=str(checkpoint.model_dir) if checkpoint else None
+            )
             run.logged = set(tracker.history(ITERATION_KEY))
             run.evaluated = set(tracker.history(run.eval_key))
             run.restore(state, optimizer)
@@ -323,12 +337,18 @@ class TrainingRun:
             except Exception:
                 log.exception("the checkpoint being written when the run failed is lost")
             if self.learner.partial:
-                log.warning("the failure came mid-update: resume starts after iteration %d, the last checkpoint", self.checkpointer.saved)
+                log.warning(
+                    "the failure came mid-update: resume starts after iteration %d, the last checkpoint",
+                    self.checkpointer.saved,
+                )
             return
         try:
             self.save()
         except Exception:
-            log.exception("could not save a checkpoint after the failure; resume starts after iteration %d", self.checkpointer.saved)
+            log.exception(
+                "could not save a checkpoint after the failure; resume starts after iteration %d",
+                self.checkpointer.saved,
+            )
         try:
             if self.state.iteration and self.state.iteration not in self.logged:  # its sync or logging failed
                 self.log(self.metrics, self.state.iteration)

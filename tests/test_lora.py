@@ -10,6 +10,7 @@ from mlflow.tracking import MlflowClient
 
 from dash_core import loop
 from dash_core.config import DashConfig, LoraConfig
+from dash_core.evaluation import evaluate_model
 from dash_core.learner import Learner
 from dash_core.models import adapted, adapter_weights, base_weights, load_policy
 from dash_core.run import TrainingRun
@@ -44,14 +45,22 @@ def uninterrupted(config: DashConfig, iterations: int) -> TrainingRun:
 def test_a_lora_run_trains_only_the_adapter_checkpoints_it_and_resumes_to_the_same_weights(config):
     expected = uninterrupted(config.model_copy(deep=True), 4)
     adapter = adapter_weights(expected.policy)
-    assert any(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name), "the adapter never learned"
+    assert any(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name), (
+        "the adapter never learned"
+    )
     trainable = sum(p.numel() for p in expected.learner.optimizer.param_groups[0]["params"])
-    assert trainable == sum(t.numel() for t in adapter.values()) < sum(p.numel() for p in expected.policy.parameters()) / 5
+    assert (
+        trainable == sum(t.numel() for t in adapter.values()) < sum(p.numel() for p in expected.policy.parameters()) / 5
+    )
 
     run_id = killed_run(config, "loop.iterations(run, 3); run.checkpointer.wait(); kill()")
     checkpoint = os.path.join(config.store.url, run_id, "checkpoints", "iter_000002")
     files = set(os.listdir(checkpoint))
-    assert {"adapter_model.safetensors", "adapter_config.json", "base.json"} <= files and "model.safetensors" not in files
+    assert {
+        "adapter_model.safetensors",
+        "adapter_config.json",
+        "base.json",
+    } <= files and "model.safetensors" not in files
     base = json.load(open(os.path.join(checkpoint, "base.json")))
     assert base["source"].endswith("/model") and len(base["sha256"]) == 64  # the warm-up this run started from
 
@@ -60,8 +69,10 @@ def test_a_lora_run_trains_only_the_adapter_checkpoints_it_and_resumes_to_the_sa
     assert adapted(run.policy)
     assert all(torch.equal(adapter[name], tensor) for name, tensor in adapter_weights(run.policy).items())
 
-    policy, _ = load_policy(config.model, config.seed, path=checkpoint)  # what `dashrl eval` and serving load
+    policy, _ = load_policy(config.model, config.seed, path=checkpoint)  # the base it names, then the adapter
     assert adapted(policy) and set(adapter_weights(policy)) == set(adapter)
+    scored = config.model_copy(update={"model": config.model.model_copy(update={"name": checkpoint})})
+    assert evaluate_model(scored)["arithmetic"].metrics["eval/arithmetic/accuracy"] >= 0  # what `dashrl eval` runs
 
 
 def test_only_the_adapter_moves_to_a_private_sampler(config):

@@ -24,7 +24,7 @@ from dash_core.learner import completion_logprobs
 from dash_core.models import load_policy
 from dash_core.samplers import SamplingParams
 from dash_core.samplers.remote_backend import NoServersLeftError, RemoteSampler
-from dash_core.serving import ServerError, VLLMServer, free_port, launch_servers
+from dash_core.serving import ServerError, VLLMServer, free_port, launch_servers, lora_server_args
 
 TIGHT = 1e-4  # fp32: server and learner differ only in kernel rounding
 PARAMS = SamplingParams(n=3, max_new_tokens=10)
@@ -45,7 +45,7 @@ def model_dir(tmp_path_factory) -> str:
 @pytest.fixture(scope="module")
 def servers(model_dir, tmp_path_factory):
     logs = str(tmp_path_factory.mktemp("logs"))
-    started = launch_servers(model_dir, 2, free_port(8400), dtype="float32", log_dir=logs)
+    started = launch_servers(model_dir, 2, free_port(8400), lora_server_args(8), dtype="float32", log_dir=logs)
     yield started
     for server in started:
         server.stop()
@@ -92,7 +92,9 @@ def test_batch_is_sharded_and_reassembled_in_prompt_order(sampler, policy):
     assert len({tuple(g.token_ids) for g in batch}) >= 5, "prompts too alike to tell apart"
     for i, prompt in enumerate(prompts):
         alone = sampler.generate([prompt], greedy)
-        assert [g.token_ids for g in batch[2 * i : 2 * i + 2]] == [g.token_ids for g in alone], f"prompt {i} out of place"
+        assert [g.token_ids for g in batch[2 * i : 2 * i + 2]] == [g.token_ids for g in alone], (
+            f"prompt {i} out of place"
+        )
 
 
 def test_logprobs_match_the_learner(sampler, policy):
@@ -113,7 +115,9 @@ def test_weight_sync_moves_every_server_to_the_new_version(sampler, policy):
     generations = sampler.generate(prompts, PARAMS)
     for _ in range(3):
         optimizer.zero_grad()
-        logp, _ = completion_logprobs(model, [p for p in prompts for _ in range(3)], [g.token_ids for g in generations], 0)
+        logp, _ = completion_logprobs(
+            model, [p for p in prompts for _ in range(3)], [g.token_ids for g in generations], 0
+        )
         (-logp.sum()).backward()
         optimizer.step()
 
@@ -126,6 +130,35 @@ def test_weight_sync_moves_every_server_to_the_new_version(sampler, policy):
     print(f"remote logprob gap after sync (tied): {gap:.2e}")
     assert gap < TIGHT
     assert max_gap(old, prompts, fresh, PARAMS.n, tokenizer.pad_token_id) > 0.05
+
+
+def test_a_lora_policy_syncs_only_its_adapter_to_every_server(servers, policy, tmp_path):
+    """Each sync after the first loads the new adapter on every server under its own name and unloads the old one;
+    the servers sample the adapted policy, never merged."""
+    from dash_core.config import LoraConfig
+    from dash_core.models import add_lora, adapter_weights
+
+    model, tokenizer = policy
+    add_lora(model, LoraConfig(rank=8, alpha=16.0))
+    remote = RemoteSampler(RemoteConfig(urls=[s.url for s in servers], timeout_s=60), tokenizer, str(tmp_path / "sync"))
+    remote.load_weights(model)  # the base and the (identity) adapter
+    full = remote.synced_bytes
+    prompts = prompts_for(tokenizer, 6)
+    for version in (2, 3):
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.2)
+        remote.load_weights(model, adapter_only=True)
+        adapter = sum(t.numel() * t.element_size() for t in adapter_weights(model).values())
+        assert adapter <= remote.synced_bytes < adapter + 4096 < full / 5
+        assert [weight_version(url) for url in remote.servers] == [str(version)] * 2
+        assert all(remote._served_adapters(url) == {f"adapter-v{version}"} for url in remote.servers)
+        generations = remote.generate(prompts, PARAMS)
+        gap = max_gap(model, prompts, generations, PARAMS.n, tokenizer.pad_token_id)
+        print(f"remote logprob gap with adapter v{version}: {gap:.2e}")
+        assert gap < TIGHT
+    assert sorted(p.name for p in remote.sync_dir.iterdir()) == ["adapter-v3", "weights-v1"]
 
 
 def test_a_server_added_after_a_sync_gets_the_current_weights(servers, policy, tmp_path):

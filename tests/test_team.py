@@ -19,7 +19,7 @@ from dash_core import loop
 from dash_core.checkpoint import load_latest
 from dash_core.config import DashConfig
 from dash_core.learner import Learner
-from dash_core.models import load_policy
+from dash_core.models import add_lora, load_policy
 from dash_core.run import TrainingRun
 from dash_core.serving import unused_port
 from dash_core.store import RunStore
@@ -32,11 +32,14 @@ CASES = {
     "a-process-without-rows": ({"micro_batch_size": 2}, "pg", 1),
     "fsdp": ({"micro_batch_size": 2, "data_parallel": "fsdp"}, "pg", 7),
     "fsdp-two-minibatches": ({"tokens_per_micro_batch": 30, "data_parallel": "fsdp"}, "ppo_mini", 7),
+    "lora": ({"micro_batch_size": 2, "lora": {"rank": 4, "alpha": 8.0}, "lr": 1e-2}, "pg", 7),
 }
 
 
 def config_of(learner: dict, rule: str) -> DashConfig:
-    return DashConfig.model_validate({"model": TINY.model_dump(), "learner": learner, "algo": {"rule": rule, "ppo_steps": 2}})
+    return DashConfig.model_validate(
+        {"model": TINY.model_dump(), "learner": learner, "algo": {"rule": rule, "ppo_steps": 2}}
+    )
 
 
 def write_batch(store: RunStore, kept: int) -> None:
@@ -48,6 +51,8 @@ def write_batch(store: RunStore, kept: int) -> None:
 def learn(config: DashConfig, store: RunStore, member: Team) -> tuple[dict, dict]:
     """A process's learner after one batch: its whole policy's weights and the metrics."""
     policy, tokenizer = load_policy(config.model, config.seed)
+    if config.learner.lora:
+        add_lora(policy, config.learner.lora)  # its random init is the same in every process: one seed
     learner = Learner(policy, config.learner, config.algo, tokenizer.pad_token_id, team=member)
     metrics = learner.learn(store, store.manifest(1))
     learner.export_weights(policy)  # sharded weights are gathered into every process's whole policy
@@ -55,7 +60,9 @@ def learn(config: DashConfig, store: RunStore, member: Team) -> tuple[dict, dict
 
 
 def join_team(rank: int, port: int) -> Team:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank)
+    )
     torch.set_num_threads(1)
     return team()
 
@@ -75,7 +82,14 @@ def test_two_processes_hold_the_weights_one_process_holds(tmp_path, case):
     mp.spawn(team_member, args=(unused_port(), case, str(tmp_path), str(tmp_path / "team.pt")), nprocs=2)
     (first_weights, team_metrics), (second_weights, _) = (torch.load(tmp_path / f"team.pt.{rank}") for rank in (0, 1))
     initial, _ = load_policy(TINY)
-    assert all(not torch.equal(w, initial.state_dict()[name]) for name, w in alone_weights.items())  # the step moved all
+    if learner.get("lora"):  # the step moved the adapter (B starts at 0) and no base weight
+        base = {name.replace(".base_layer.", "."): w for name, w in alone_weights.items() if ".lora_" not in name}
+        assert all(torch.equal(w, initial.state_dict()[name]) for name, w in base.items())
+        assert all(w.abs().sum() > 0 for name, w in alone_weights.items() if "lora_B" in name)
+    else:
+        assert all(
+            not torch.equal(w, initial.state_dict()[name]) for name, w in alone_weights.items()
+        )  # the step moved all
     for name, w in first_weights.items():  # every process holds the same whole weights
         assert torch.equal(second_weights[name], w), name
     gaps = torch.cat([(first_weights[name] - w).abs().flatten() for name, w in alone_weights.items()])
@@ -118,7 +132,10 @@ def test_the_batch_and_the_steps_do_not_depend_on_the_number_of_processes(tmp_pa
     loop.train(TrainingRun.start(alone))
     mp.spawn(run_loop, args=(unused_port(), pair), nprocs=2)
     mlflow = MlflowClient(alone.tracking.uri)
-    (alone_id,), (pair_id,) = ([r.info.run_id for r in mlflow.search_runs([mlflow.get_experiment_by_name(n).experiment_id])] for n in ("alone", "pair"))
+    (alone_id,), (pair_id,) = (
+        [r.info.run_id for r in mlflow.search_runs([mlflow.get_experiment_by_name(n).experiment_id])]
+        for n in ("alone", "pair")
+    )
     stores = RunStore(alone.store.url, alone_id), RunStore(pair.store.url, pair_id)
     for iteration in (1, 2, 3):
         one, two = (store.read_batch(iteration) for store in stores)
@@ -146,7 +163,9 @@ def test_learners_2_train_the_embedded_default_and_resume_alone_after_losing_a_p
     assert f"dashrl train --resume {run_id}" in said
 
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"} | {"PREFECT_HOME": str(tmp_path / "prefect")}
-    resumed = subprocess.run([DASHRL, "train", "--resume", run_id], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    resumed = subprocess.run(
+        [DASHRL, "train", "--resume", run_id], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=900
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     mlflow = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     assert mlflow.get_run(run_id).info.status == "FINISHED"
@@ -177,7 +196,10 @@ def test_sharded_learners_resume_to_the_weights_of_an_uninterrupted_run(tmp_path
     train()
     train("--set", "iterations=2")
     mlflow = MlflowClient(config["tracking"]["uri"])
-    straight, interrupted = (run.info.run_id for run in mlflow.search_runs(mlflow.get_experiment_by_name("fsdp").experiment_id, order_by=["start_time"]))
+    straight, interrupted = (
+        run.info.run_id
+        for run in mlflow.search_runs(mlflow.get_experiment_by_name("fsdp").experiment_id, order_by=["start_time"])
+    )
     train("--resume", interrupted)
     assert [m.step for m in mlflow.get_metric_history(interrupted, "reward/mean")] == [1, 2, 3, 4]
     for name, tensor in weights(straight).items():

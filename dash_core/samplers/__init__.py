@@ -38,7 +38,12 @@ class LoadedPolicy(NamedTuple):
 
 
 def build_sampler(
-    cfg: SamplerConfig, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, seed: int, sync_dir: str, private: bool = False
+    cfg: SamplerConfig,
+    policy: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    seed: int,
+    sync_dir: str,
+    private: bool = False,
 ) -> Sampler:
     """`cfg.backend`'s sampler over `policy`. `sync_dir` is a local folder the backend may write model files to
     (and remote servers read from). `private`: the sampler samples while `policy` learns, so an in-process one

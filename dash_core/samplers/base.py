@@ -63,7 +63,9 @@ class Sampler(ABC):
     events: Sequence[dict[str, Any]] = ()  # what the run should log about the sampler, e.g. a dropped server
 
     @abstractmethod
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[Generation]:
         """`params.n` completions per prompt, prompt-major: completion j of prompt i is at i * n + j. `seeds`, one
         per prompt, make each prompt's completions a function of its seed, whatever else the batch holds."""
 

@@ -66,7 +66,9 @@ class TransformersSampler(Sampler):
                     self.synced_bytes += mine.numel() * mine.element_size()
 
     @torch.no_grad()
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[Generation]:
         per_call = max(self.batch_size // params.n, 1) if self.batch_size else len(prompts)
         draws = uniform_draws(len(prompts), params, seeds)
         with self._sampling:
@@ -76,7 +78,11 @@ class TransformersSampler(Sampler):
                 return [
                     g
                     for start in range(0, len(prompts), per_call)
-                    for g in self._decode(prompts[start : start + per_call], params, draws[start * params.n : (start + per_call) * params.n])
+                    for g in self._decode(
+                        prompts[start : start + per_call],
+                        params,
+                        draws[start * params.n : (start + per_call) * params.n],
+                    )
                 ]
             finally:
                 self.policy.train(was_training)
@@ -94,7 +100,11 @@ class TransformersSampler(Sampler):
         input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: every prompt starts at position 0
-        cache = StaticCache(config=self.policy.config, max_cache_len=width + steps) if static else self._growing_cache(width + steps)
+        cache = (
+            StaticCache(config=self.policy.config, max_cache_len=width + steps)
+            if static
+            else self._growing_cache(width + steps)
+        )
         out = self.policy(input_ids=input_ids, attention_mask=mask, position_ids=positions, past_key_values=cache,
                           use_cache=True, logits_to_keep=1)  # fmt: skip
         logits = out.logits[:, -1].float().repeat_interleave(n, 0)
@@ -140,7 +150,9 @@ class TransformersSampler(Sampler):
                           past_key_values=cache, use_cache=True)  # fmt: skip
             logits = out.logits[:, -1].float()
         generations = []
-        for row, row_logprobs, length, stop in zip(tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()):
+        for row, row_logprobs, length, stop in zip(
+            tokens.tolist(), logprobs.tolist(), lengths.tolist(), stopped.tolist()
+        ):
             text = self.tokenizer.decode(row[:length], skip_special_tokens=True)
             generations.append(Generation(row[:length], row_logprobs[:length], text, "stop" if stop else "length"))
         return generations

@@ -110,7 +110,9 @@ class VLLMSampler(Sampler):
         if adapted(policy):
             self._load_adapter(policy)
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None) -> list[Generation]:
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams, seeds: list[int] | None = None
+    ) -> list[Generation]:
         from vllm import SamplingParams as EngineParams
         from vllm.inputs import TokensPrompt
 
@@ -121,7 +123,11 @@ class VLLMSampler(Sampler):
             sent, fields = vllm_request(prompts, params)
             requests = [TokensPrompt(prompt_token_ids=p) for p in sent]
             copies = len(sent) // max(len(prompts), 1)  # a greedy request sends each prompt n times
-            shaping = EngineParams(**fields) if seeds is None else [EngineParams(**fields, seed=seeds[i // copies]) for i in range(len(sent))]
+            shaping = (
+                EngineParams(**fields)
+                if seeds is None
+                else [EngineParams(**fields, seed=seeds[i // copies]) for i in range(len(sent))]
+            )
             outputs = self.llm.generate(requests, shaping, use_tqdm=False, lora_request=self.lora)
         finally:
             if self.sleeps:
@@ -151,7 +157,6 @@ class VLLMSampler(Sampler):
             self.llm.wake_up(tags=["kv_cache"])
             self.asleep = False
         self.llm.reset_prefix_cache()  # cached KV was computed with the old weights
-
 
     def _load_adapter(self, policy: PreTrainedModel) -> None:
         """The policy's adapter as the engine's next LoRA (a new id, so no cached state of the old one is reused);
