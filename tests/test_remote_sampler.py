@@ -136,7 +136,7 @@ def test_a_lora_policy_syncs_only_its_adapter_to_every_server(servers, policy, t
     """Each sync after the first loads the new adapter on every server under its own name and unloads the old one;
     the servers sample the adapted policy, never merged."""
     from dash_core.config import LoraConfig
-    from dash_core.models import add_lora, adapter_weights
+    from dash_core.models import adapter_weights, add_lora
 
     model, tokenizer = policy
     add_lora(model, LoraConfig(rank=8, alpha=16.0))

@@ -13,7 +13,7 @@ from typing import Any, NamedTuple
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from dash_core.config import LoraConfig, ModelConfig, SamplerConfig
-from dash_core.models import add_lora, adapted, load_policy
+from dash_core.models import adapted, add_lora, load_policy
 from dash_core.samplers.base import Generation, Sampler, SamplingParams, prompt_seed
 from dash_core.samplers.transformers_backend import TransformersSampler
 
