@@ -28,6 +28,7 @@ class Profile:
     curve: Curve  # the embedded default's learning curve
     math_rounds: int  # timed rounds of the grading benchmark
     code_rounds: int
+    sync_repeats: int  # weight syncs of each kind per backend
 
 
 def _learner(model: str, dtype: str, rows: int, prompt: int, completion: int, micro_batch: int, steps: int) -> dict:
@@ -43,6 +44,7 @@ QUICK = Profile(
     curve=Curve(iterations=40, eval_every=10, gain=0.10),
     math_rounds=5,
     code_rounds=1,
+    sync_repeats=3,
 )
 FULL = Profile(
     phases=Setup(hidden=256, layers=4, max_new_tokens=32, iterations=8),
@@ -52,6 +54,7 @@ FULL = Profile(
     curve=Curve(iterations=200, eval_every=10, gain=0.30),
     math_rounds=20,
     code_rounds=3,
+    sync_repeats=5,
 )
 # Untested here (no GPU on the project's machines): shapes sized for one modern GPU.
 FULL_GPU = replace(

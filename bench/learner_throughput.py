@@ -6,7 +6,9 @@
 Models are built from their configs with random weights (no download): `tiny` (the embedded default's) and
 `qwen0.5b` (Qwen2.5-0.5B's shape: 24 layers, hidden 896, vocabulary 151,936). The batch is `--rows` sequences of
 `--prompt` + `--completion` random tokens. Peak memory is the most the process held above its size just before
-the step (RSS sampled every 5 ms on CPU; the allocator's peak on CUDA). `full` is the log-prob computation the
+the step (RSS sampled every 5 ms on CPU; the allocator's peak on CUDA); learner memory is the most it held above its
+size before the model was built (weights, gradients, Adam's state and the step's activations). `--lora RANK` trains
+a LoRA adapter on every linear layer instead of every weight. `full` is the log-prob computation the
 learner used before (logits at every position over the whole vocabulary, then log-softmax), measured beside today's
 for comparison. Imports neither Prefect nor MLflow, so it runs on a machine with only torch and transformers.
 """
@@ -79,7 +81,13 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
     member = team()  # one of `learners` processes, each learning its share of the batch
     torch.set_num_threads(config["threads"])
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    before = _held(device)
     policy = build_policy(config["model"], config["dtype"], str(local_device(torch.device(device))))
+    if config.get("lora"):
+        from dash_core.config import LoraConfig
+        from dash_core.models import add_lora
+
+        add_lora(policy, LoraConfig(rank=config["lora"], alpha=2.0 * config["lora"]))
     if config["checkpointing"]:
         policy.gradient_checkpointing_enable()
     if config["logprobs"] == "full":
@@ -107,9 +115,18 @@ def measure(config: dict[str, Any]) -> dict[str, Any]:
         seconds = (time.perf_counter() - start) / config["steps"]
     tokens = rows * (config["prompt"] + config["completion"])
     return {"config": config | {"tokens": learner.token_budget}, "tokens_per_s": tokens / seconds, "step_s": seconds,
-            "peak_mem_gib": memory.peak / 2**30,
+            "peak_mem_gib": memory.peak / 2**30, "learner_gib": (memory.start + memory.peak - before) / 2**30,
             "device": torch.cuda.get_device_name() if device == "cuda" else f"cpu x{config['threads']}",
             "learners": member.size}  # fmt: skip
+
+
+def _held(device: str) -> int:
+    """Memory the process holds now: what the learner's own memory (weights, gradients, Adam's state, the step's
+    activations) is counted from."""
+    import psutil
+    import torch
+
+    return torch.cuda.memory_allocated() if device == "cuda" else psutil.Process().memory_info().rss
 
 
 def run_learners(config: dict[str, Any]) -> subprocess.CompletedProcess:
@@ -138,6 +155,7 @@ def main() -> None:
     parser.add_argument("--micro-batch", default="8", help="comma-separated sequences per forward+backward")
     parser.add_argument("--tokens", default="rows", help="comma-separated token budgets per micro-batch, 'auto' (sized "
                         "for the memory left), or 'rows' (micro-batches of --micro-batch sequences)")
+    parser.add_argument("--lora", default="off", help="comma-separated: off (full fine-tuning) or a LoRA rank (every linear layer)")
     parser.add_argument("--learners", default="1", help="comma-separated learner processes sharing the batch (one GPU each)")
     parser.add_argument("--data-parallel", default="ddp", help="comma-separated, for several learners: ddp, fsdp")
     parser.add_argument("--rows", type=int, default=8)
@@ -160,15 +178,17 @@ def main() -> None:
     grid = itertools.product(args.model.split(","), args.logprobs.split(","), args.dtype.split(","), args.precision.split(","),
                              args.checkpointing.split(","), map(int, args.micro_batch.split(",")),
                              [None if t == "rows" else t if t == "auto" else int(t) for t in args.tokens.split(",")],
-                             map(int, args.learners.split(",")), args.data_parallel.split(","))  # fmt: skip
+                             map(int, args.learners.split(",")), args.data_parallel.split(","),
+                             [None if r == "off" else int(r) for r in args.lora.split(",")])  # fmt: skip
     rows = []
-    for model, logprobs, dtype, precision, checkpointing, micro_batch, tokens, learners, parallel in grid:
+    for model, logprobs, dtype, precision, checkpointing, micro_batch, tokens, learners, parallel, lora in grid:
         if learners == 1 and parallel != args.data_parallel.split(",")[0]:
             continue  # one learner has nothing to split
         config = {"model": model, "logprobs": logprobs, "dtype": dtype, "checkpointing": checkpointing == "on",
                   "precision": None if precision == "model" else precision,
                   "micro_batch": micro_batch, "tokens": tokens, "rows": args.rows, "prompt": args.prompt, "completion": args.completion,
-                  "steps": args.steps, "threads": max(1, args.threads // learners), "learners": learners, "data_parallel": parallel}  # fmt: skip
+                  "steps": args.steps, "threads": max(1, args.threads // learners), "learners": learners, "data_parallel": parallel,
+                  "lora": lora}  # fmt: skip
         done = run_learners(config)
         if done.returncode:
             result = {"config": config, "error": done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}"}
@@ -178,14 +198,14 @@ def main() -> None:
         if args.json:
             print(json.dumps(result), flush=True)
     if not args.json:
-        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'mixed':5} {'ckpt':4} {'micro-batch':>13} {'learners':>8} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8}")
+        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'mixed':5} {'ckpt':4} {'lora':>4} {'micro-batch':>13} {'learners':>8} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8} {'learner GiB':>11}")
         for r in rows:
             c = r["config"]
             micro = f"{c['tokens']} tok" if c.get("tokens") else f"{c['micro_batch']} rows"
             mixed = "bf16" if c.get("precision") == "bf16-mixed" else "-"
             learners = f"{c['learners']} {c['data_parallel']}" if c["learners"] > 1 else "1"
-            head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {mixed:5} {'on' if c['checkpointing'] else 'off':4} {micro:>13} {learners:>8}"
-            print(head + (f" {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_mem_gib']:8.2f}" if "error" not in r else f"  {r['error']}"))
+            head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {mixed:5} {'on' if c['checkpointing'] else 'off':4} {c.get('lora') or '-':>4} {micro:>13} {learners:>8}"
+            print(head + (f" {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_mem_gib']:8.2f} {r['learner_gib']:11.2f}" if "error" not in r else f"  {r['error']}"))
 
 if __name__ == "__main__":
     main()

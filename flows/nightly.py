@@ -7,6 +7,8 @@ of the profile (bench/_profiles.py), and goes to the night's MLflow run as soon 
 - grading_throughput: math answers and sandboxed programs graded per second (and whether graded right);
 - learning_curve: the embedded default trained as a `dash-train` subflow (its MLflow run nested under the night's):
   training time to the profile's gain in held-out accuracy, final accuracy;
+- weight_sync: seconds per weight sync, full and LoRA adapter only, per installed backend (the embedded default's
+  model), and the adapter's share of the bytes;
 - sampling_throughput: tokens/s per installed backend (last: vLLM pins torch's threads in the process).
 Then the night is judged (bench/_regression.py) against the median of earlier nights of the same profile on the
 same machine and against the committed baseline: the summary (Markdown, an MLflow and a Prefect artifact) and a
@@ -27,7 +29,9 @@ from prefect.runtime import flow_run
 from bench import _history, _profiles, learning_curve
 from dash_core.config import DEFAULT_TRACKING_URI
 from flows.progress import run_logs
-from tasks.nightly import NightReport, check, grading_figures, iteration_figures, learner_figures, sampling_figures
+from tasks.nightly import (
+    NightReport, check, grading_figures, iteration_figures, learner_figures, sampling_figures, sync_figures,
+)  # fmt: skip
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +90,7 @@ def dash_bench(
                     "run_name": "learning-curve",
                 }
                 record(curve_figures(settings.curve, workdir, tracking))
+                record(sync_figures(settings.backends, settings.sync_repeats))
                 record(sampling_figures(settings.backends, settings.sampling, workdir))
             report = check(night, figures, profile, Path(baseline) if baseline else _history.BASELINE)
         night.finish()

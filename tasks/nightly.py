@@ -9,7 +9,7 @@ from typing import TypedDict
 
 from prefect.artifacts import create_markdown_artifact
 
-from bench import _history, grading_throughput, iteration_phases, learner_throughput, sampling_throughput
+from bench import _history, grading_throughput, iteration_phases, learner_throughput, sampling_throughput, weight_sync
 from bench._regression import judge, summary
 from bench._trend import trend_plot
 from dash_core.tracking import GIT_COMMIT_TAG, Tracker
@@ -59,6 +59,17 @@ def grading_figures(math_rounds: int, code_rounds: int) -> dict[str, float]:
     code = grading_throughput.throughput("code", code_rounds)
     return {"grader/math_answers_per_s": math.per_s, "grader/math_as_expected": math.as_expected,
             "sandbox/programs_per_s": code.per_s, "sandbox/as_expected": code.as_expected}  # fmt: skip
+
+
+@phase("weight sync")
+def sync_figures(backends: tuple[str, ...], repeats: int) -> dict[str, float]:
+    """Seconds per sync of the embedded default's model with a LoRA adapter: full weights and the adapter alone."""
+    figures = {}
+    for backend in backends:
+        result = weight_sync.measure("tiny", backend, rank=16, repeats=repeats)
+        figures |= {f"sync/{backend}_full_s": result["full"]["s"], f"sync/{backend}_lora_s": result["lora"]["s"]}
+        figures[f"sync/{backend}_lora_bytes_share"] = result["lora"]["bytes"] / result["full"]["bytes"]
+    return figures
 
 
 @phase("sampling throughput")
