@@ -23,7 +23,7 @@ from typing import Any
 
 import fsspec
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -96,16 +96,29 @@ def save_model(
 
 
 def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:
-    """`tensors` as one safetensors file; tensors that share storage (tied embeddings) are each written whole."""
-    flat: dict[str, torch.Tensor] = {}
-    storages: set[int] = set()
-    for name, tensor in tensors.items():
-        tensor = tensor.detach().cpu().contiguous()
-        storage = tensor.untyped_storage().data_ptr()
-        flat[name] = tensor.clone() if storage in storages else tensor
-        storages.add(storage)
-    save_file(flat, path, metadata={"format": "pt"})
+    """`tensors` as one safetensors file, each written straight from its memory: safetensors' own writer took 3 to 5
+    times as long for Qwen2.5-0.5B's 2.5 GB (the remote sampler's sync writes one per step). Tensors that share
+    storage (tied embeddings) are each written whole."""
+    items = [(name, tensor.detach().cpu().contiguous()) for name, tensor in tensors.items()]
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, tensor in items:
+        size = tensor.numel() * tensor.element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # the data starts 8-byte aligned
+    with open(path, "wb") as file:
+        file.write(len(encoded).to_bytes(8, "little") + encoded)
+        for _, tensor in items:
+            file.write(tensor.reshape(-1).view(torch.uint8).numpy().data)
     return path
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+}  # fmt: skip
 
 
 # -- LoRA adapters ---------------------------------------------------------------------------------------------

@@ -62,3 +62,18 @@ def test_too_few_heldout_problems_is_an_error_not_a_hang():
     task = ArithmeticTask(ArithmeticTaskConfig(digits=1), seed=0)
     with pytest.raises(ValueError, match="lower eval.size or raise task.heldout_fraction"):
         task.heldout_problems(300)
+
+
+def test_tensors_written_straight_from_memory_load_back_with_safetensors(tmp_path):
+    """The sync file writer (the remote sampler writes one per step): every dtype the models use, scalars, empty
+    tensors, views and tied tensors read back equal with safetensors' own reader."""
+    from safetensors.torch import load_file
+
+    from dash_core.models import save_tensors
+
+    a = torch.randn(3, 4)
+    tensors = {"a": a, "tied": a, "view": a[:, 1], "bf16": torch.randn(5).to(torch.bfloat16), "half": torch.randn(2).half(),
+               "scalar": torch.tensor(7), "empty": torch.zeros(0, 3), "ints": torch.arange(5), "mask": torch.tensor([True, False])}  # fmt: skip
+    back = load_file(save_tensors(tensors, tmp_path / "weights.safetensors"))
+    assert set(back) == set(tensors)
+    assert all(back[name].dtype == t.dtype and torch.equal(back[name], t) for name, t in tensors.items())
