@@ -23,13 +23,14 @@ QUIET_ENV = {
 }
 
 
-def embedded_config(workdir: Path, **fields: Any):
-    """The embedded default (`dashrl train` with no flags), with its store and MLflow database in `workdir`."""
-    from dash_core.config import DashConfig, merge
+def embedded_config(workdir: Path, overrides: tuple[str, ...] = (), **fields: Any):
+    """The embedded default (`dashrl train` with no flags), with its store and MLflow database in `workdir`, then
+    `fields` and `overrides` (`--set` style: `learner.lora.rank=16`)."""
+    from dash_core.config import load_config, merge
 
     base = {"store": {"url": str(workdir / "store")},
             "tracking": {"uri": f"sqlite:///{workdir}/mlflow.db", "experiment": "bench"}}  # fmt: skip
-    return DashConfig.model_validate(merge(base, fields))
+    return load_config(overrides=list(overrides), base=merge(base, fields))
 
 
 def warm_policy(workdir: Path, threads: int) -> str:

@@ -134,11 +134,18 @@ def run_learners(config: dict[str, Any]) -> subprocess.CompletedProcess:
     from dash_core.serving import unused_port
 
     n = config["learners"]
-    env = os.environ | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(unused_port()), "WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n)}
+    env = os.environ | {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(unused_port()),
+        "WORLD_SIZE": str(n),
+        "LOCAL_WORLD_SIZE": str(n),
+    }
     command = [sys.executable, __file__, "--worker", json.dumps(config)]
     others = [subprocess.Popen(command, env=env | {"RANK": str(r), "LOCAL_RANK": str(r)}, stdout=subprocess.DEVNULL)
               for r in range(1, n)]  # fmt: skip
-    done = subprocess.run(command, env=env | {"RANK": "0", "LOCAL_RANK": "0"} if n > 1 else os.environ, capture_output=True, text=True)
+    done = subprocess.run(
+        command, env=env | {"RANK": "0", "LOCAL_RANK": "0"} if n > 1 else os.environ, capture_output=True, text=True
+    )
     for process in others:
         process.wait()
     return done
@@ -149,14 +156,26 @@ def main() -> None:
     parser.add_argument("--model", default="tiny", help=f"comma-separated: {', '.join(MODELS)}")
     parser.add_argument("--logprobs", default="full,lean", help="comma-separated: full (before), lean (today)")
     parser.add_argument("--dtype", default="float32", help="comma-separated model dtypes: float32, bfloat16")
-    parser.add_argument("--precision", default="model", help="comma-separated learner precisions: model (the "
-                        "model's dtype), bf16-mixed (autocast over float32 weights)")
+    parser.add_argument(
+        "--precision",
+        default="model",
+        help="comma-separated learner precisions: model (the "
+        "model's dtype), bf16-mixed (autocast over float32 weights)",
+    )
     parser.add_argument("--checkpointing", default="off", help="comma-separated: off, on (activation checkpointing)")
     parser.add_argument("--micro-batch", default="8", help="comma-separated sequences per forward+backward")
-    parser.add_argument("--tokens", default="rows", help="comma-separated token budgets per micro-batch, 'auto' (sized "
-                        "for the memory left), or 'rows' (micro-batches of --micro-batch sequences)")
-    parser.add_argument("--lora", default="off", help="comma-separated: off (full fine-tuning) or a LoRA rank (every linear layer)")
-    parser.add_argument("--learners", default="1", help="comma-separated learner processes sharing the batch (one GPU each)")
+    parser.add_argument(
+        "--tokens",
+        default="rows",
+        help="comma-separated token budgets per micro-batch, 'auto' (sized "
+        "for the memory left), or 'rows' (micro-batches of --micro-batch sequences)",
+    )
+    parser.add_argument(
+        "--lora", default="off", help="comma-separated: off (full fine-tuning) or a LoRA rank (every linear layer)"
+    )
+    parser.add_argument(
+        "--learners", default="1", help="comma-separated learner processes sharing the batch (one GPU each)"
+    )
     parser.add_argument("--data-parallel", default="ddp", help="comma-separated, for several learners: ddp, fsdp")
     parser.add_argument("--rows", type=int, default=8)
     parser.add_argument("--prompt", type=int, default=128)
@@ -191,21 +210,34 @@ def main() -> None:
                   "lora": lora}  # fmt: skip
         done = run_learners(config)
         if done.returncode:
-            result = {"config": config, "error": done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}"}
+            result = {
+                "config": config,
+                "error": done.stderr.strip().splitlines()[-1] if done.stderr else f"exit {done.returncode}",
+            }
         else:
             result = json.loads(done.stdout.strip().splitlines()[-1])
         rows.append(result)
         if args.json:
             print(json.dumps(result), flush=True)
     if not args.json:
-        print(f"{'model':9} {'logprobs':8} {'dtype':8} {'mixed':5} {'ckpt':4} {'lora':>4} {'micro-batch':>13} {'learners':>8} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8} {'learner GiB':>11}")
+        print(
+            f"{'model':9} {'logprobs':8} {'dtype':8} {'mixed':5} {'ckpt':4} {'lora':>4} {'micro-batch':>13} {'learners':>8} {'tokens/s':>9} {'step s':>7} {'peak GiB':>8} {'learner GiB':>11}"
+        )
         for r in rows:
             c = r["config"]
             micro = f"{c['tokens']} tok" if c.get("tokens") else f"{c['micro_batch']} rows"
             mixed = "bf16" if c.get("precision") == "bf16-mixed" else "-"
             learners = f"{c['learners']} {c['data_parallel']}" if c["learners"] > 1 else "1"
             head = f"{c['model']:9} {c['logprobs']:8} {c['dtype']:8} {mixed:5} {'on' if c['checkpointing'] else 'off':4} {c.get('lora') or '-':>4} {micro:>13} {learners:>8}"
-            print(head + (f" {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_mem_gib']:8.2f} {r['learner_gib']:11.2f}" if "error" not in r else f"  {r['error']}"))
+            print(
+                head
+                + (
+                    f" {r['tokens_per_s']:9.0f} {r['step_s']:7.2f} {r['peak_mem_gib']:8.2f} {r['learner_gib']:11.2f}"
+                    if "error" not in r
+                    else f"  {r['error']}"
+                )
+            )
+
 
 if __name__ == "__main__":
     main()

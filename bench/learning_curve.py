@@ -1,7 +1,7 @@
 """The embedded default's learning curve: held-out accuracy against training time, and the time it takes to gain
 a given number of points.
 
-    dashrl bench learning_curve [--iterations 200 --eval-every 10 --gain 0.30]
+    dashrl bench learning_curve [--iterations 200 --eval-every 10 --gain 0.30] [--set learner.lora.rank=16 ...]
 
 `dashrl train` with no flags (the tiny model on the synthetic arithmetic task, its supervised warm-up included),
 run as the `dash-train` flow with an evaluation every --eval-every iterations. Time is training time
@@ -30,6 +30,7 @@ class Curve:
     iterations: int = 200
     eval_every: int = 10
     gain: float = 0.30
+    overrides: tuple[str, ...] = ()  # config changes from the embedded default, `--set` style
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ def train(curve: Curve, workdir: Path, tracking: dict[str, Any] | None = None) -
 
     config = embedded_config(
         workdir,
+        curve.overrides,
         iterations=curve.iterations,
         eval={"every": curve.eval_every, "log_samples": 0},
         tracking=tracking or {},
@@ -82,8 +84,11 @@ def main() -> None:
     parser.add_argument(
         "--gain", type=float, default=Curve.gain, help="in held-out sampled accuracy (0.30 = +30 points)"
     )
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="a config change from the embedded default"
+    )
     args = parser.parse_args()
-    curve = Curve(args.iterations, args.eval_every, args.gain)
+    curve = Curve(args.iterations, args.eval_every, args.gain, tuple(args.set))
 
     from rich.console import Console
     from rich.table import Table

@@ -47,7 +47,11 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "threads": args.threads,
         "model": {"name": args.model},
         "warmup": {"steps": 0},
-        "sampler": {"prompts_per_iteration": args.prompts, "group_size": args.group, "max_new_tokens": args.max_new_tokens},
+        "sampler": {
+            "prompts_per_iteration": args.prompts,
+            "group_size": args.group,
+            "max_new_tokens": args.max_new_tokens,
+        },
         "learner": {"lr": args.lr, "micro_batch_size": args.micro_batch},
     }
 
@@ -106,7 +110,9 @@ def run_trl(args: argparse.Namespace) -> dict[str, Any]:
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     tokenizer.chat_template = None  # plain-text prompts, as DASH encodes them for this tokenizer
     sample = problems[: 8 * args.prompts]
-    assert tokenizer(text=[p.prompt for p in sample])["input_ids"] == encode_prompts(tokenizer, sample), "token ids differ"
+    assert tokenizer(text=[p.prompt for p in sample])["input_ids"] == encode_prompts(tokenizer, sample), (
+        "token ids differ"
+    )
 
     rewards: list[float] = []
 
@@ -191,7 +197,9 @@ def heldout_accuracy(model_dir: str, args: argparse.Namespace) -> dict[str, floa
     from dash_core.evaluation import evaluate_model
 
     torch.manual_seed(args.seed)
-    config = DashConfig.model_validate(settings(args) | {"model": {"name": model_dir}, "eval": {"size": args.eval_size, "n": args.eval_n}})
+    config = DashConfig.model_validate(
+        settings(args) | {"model": {"name": model_dir}, "eval": {"size": args.eval_size, "n": args.eval_n}}
+    )
     metrics = evaluate_model(config)["arithmetic"].metrics
     return {"greedy": metrics["eval/arithmetic/accuracy"], "sampled": metrics["eval/arithmetic/sampled_accuracy"]}
 
@@ -275,7 +283,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, default=8)
     parser.add_argument("--micro-batch", type=int, default=64, help="sequences per forward+backward, both systems")
     parser.add_argument("--lr", type=float, default=3e-4)
-    parser.add_argument("--seed", type=int, default=0, help="pair i runs both systems with seed + i (prompts, sampling)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="pair i runs both systems with seed + i (prompts, sampling)"
+    )
     parser.add_argument("--eval-size", type=int, default=500, help="held-out problems scored after each run")
     parser.add_argument("--eval-n", type=int, default=4, help="samples per held-out problem (sampled accuracy)")
     parser.add_argument("--max-load-spread", type=float, default=0.25, help="cores of outside load runs may differ by")
@@ -299,12 +309,14 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def compare(systems: list[str], args: argparse.Namespace, workdir: Path) -> dict[str, list[dict[str, Any]]]:
-    """Run the systems alternately, --pairs times; each record gets its CPU and outside-load figures."""
+    """Run the systems alternately, --pairs times, the order swapped every pair; each record gets the CPU of the
+    system's whole process tree (its threads and children: checkpoint writer, MLflow, a Prefect server) over its
+    training loop, and the outside load."""
     passed = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
               if k not in ("pairs", "systems", "workdir", "worker", "out", "max_load_spread", "seed") and v is not None]  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {system: [] for system in systems}
     for pair in range(args.pairs):
-        for system in systems:
+        for system in systems if pair % 2 == 0 else systems[::-1]:  # neither always runs first (a warm page cache)
             out = workdir / f"{system}-{pair}.json"
             load_before = os.getloadavg()[0]
             options = [*passed, f"--workdir={workdir}", f"--seed={args.seed + pair}"]  # both systems are deterministic
@@ -314,7 +326,10 @@ def compare(systems: list[str], args: argparse.Namespace, workdir: Path) -> dict
                 record = finish(process, out)
             finally:
                 watcher.stop()
-            (tree_start, busy_start), (tree_end, busy_end) = watcher.at(record["loop_start"]), watcher.at(record["loop_end"])
+            (tree_start, busy_start), (tree_end, busy_end) = (
+                watcher.at(record["loop_start"]),
+                watcher.at(record["loop_end"]),
+            )
             wall = record["loop_end"] - record["loop_start"]
             record |= {"cpu_s": tree_end - tree_start, "background_cores": ((busy_end - busy_start) - (tree_end - tree_start)) / wall,
                        "load_before": load_before, "load_after": os.getloadavg()[0]}  # fmt: skip
@@ -374,7 +389,9 @@ def print_rewards(runs: dict[str, list[dict[str, Any]]], systems: list[str], con
 
     common = min(len(r["steps"]) for records in runs.values() for r in records)
     marks = sorted({1, 10, 20, 40, 80, 160, common} & set(range(1, common + 1)))
-    table = Table(title=f"training reward per step (mean over runs); 'mean' is over steps 1-{common}, which every run reached")
+    table = Table(
+        title=f"training reward per step (mean over runs); 'mean' is over steps 1-{common}, which every run reached"
+    )
     table.add_column("system")
     for step in marks:
         table.add_column(f"step {step}", justify="right")

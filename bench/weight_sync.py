@@ -30,7 +30,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 import torch  # noqa: E402
 
-from dash_core.config import LoraConfig, ModelConfig, RemoteConfig, SamplerConfig  # noqa: E402
+from dash_core.config import LoraConfig, RemoteConfig, SamplerConfig  # noqa: E402
 from dash_core.models import add_lora, char_tokenizer  # noqa: E402
 from dash_core.samplers import build_sampler  # noqa: E402
 
@@ -126,13 +126,17 @@ def measure(model: str, backend: str, rank: int, repeats: int) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="tiny,qwen0.5b", help="comma-separated: tiny, qwen0.5b")
-    parser.add_argument("--backend", default="transformers,vllm,remote", help="comma-separated: transformers, vllm, remote")
+    parser.add_argument(
+        "--backend", default="transformers,vllm,remote", help="comma-separated: transformers, vllm, remote"
+    )
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print(f"{'model':9} {'backend':12} {'sync':5} {'MB':>9} {'seconds':>8} {'prepare s':>9} {'take s':>8} {'lora/full bytes':>15}")
+    print(
+        f"{'model':9} {'backend':12} {'sync':5} {'MB':>9} {'seconds':>8} {'prepare s':>9} {'take s':>8} {'lora/full bytes':>15}"
+    )
     for model in args.model.split(","):
         for backend in args.backend.split(","):
             result = measure(model, backend, args.rank, args.repeats)
@@ -141,7 +145,10 @@ def main() -> None:
                 share = f"{result['lora']['bytes'] / result['full']['bytes']:.2%}" if mode == "lora" else ""
                 prepare = f"{r['prepare']:.3f}" if mode == "full" and backend != "transformers" else "-"
                 take = f"{r['s'] - r['prepare']:.3f}" if mode == "full" and backend != "transformers" else "-"
-                print(f"{model:9} {backend:12} {mode:5} {r['bytes'] / 1e6:9.2f} {r['s']:8.3f} {prepare:>9} {take:>8} {share:>15}", flush=True)
+                print(
+                    f"{model:9} {backend:12} {mode:5} {r['bytes'] / 1e6:9.2f} {r['s']:8.3f} {prepare:>9} {take:>8} {share:>15}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -30,7 +30,13 @@ from bench import _history, _profiles, learning_curve
 from dash_core.config import DEFAULT_TRACKING_URI
 from flows.progress import run_logs
 from tasks.nightly import (
-    NightReport, check, grading_figures, iteration_figures, learner_figures, sampling_figures, sync_figures,
+    NightReport,
+    check,
+    grading_figures,
+    iteration_figures,
+    learner_figures,
+    sampling_figures,
+    sync_figures,
 )  # fmt: skip
 
 log = logging.getLogger(__name__)

@@ -44,6 +44,8 @@ def uninterrupted(config: DashConfig, iterations: int) -> TrainingRun:
 
 def test_a_lora_run_trains_only_the_adapter_checkpoints_it_and_resumes_to_the_same_weights(config):
     expected = uninterrupted(config.model_copy(deep=True), 4)
+    gaps = MlflowClient(config.tracking.uri).get_metric_history(expected.run_id, "logprob_gap/max")
+    assert len(gaps) == 4 and max(m.value for m in gaps) < 1e-4  # the sampler samples the adapted policy itself
     adapter = adapter_weights(expected.policy)
     assert any(tensor.abs().sum() > 0 for name, tensor in adapter.items() if "lora_B" in name), (
         "the adapter never learned"
