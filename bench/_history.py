@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from datetime import date, datetime
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from bench._regression import FIGURES
 from dash_core.config import TrackingConfig
@@ -76,10 +77,16 @@ def start(uri: str, experiment: str, profile: str, tags: dict[str, str]) -> Trac
     return Tracker.new_run(TrackingConfig(uri=uri, experiment=experiment), name, tags)
 
 
-def earlier(night: Tracker) -> list[Night]:
-    """The last EARLIER_NIGHTS nights before `night` with its profile and machine, oldest first."""
+def earlier(night: Tracker, since: str | None = None) -> list[Night]:
+    """The last EARLIER_NIGHTS nights before `night` with its profile and machine, oldest first; only nights that
+    passed: a failed night (a regression, a crash) never becomes a reference, or a lasting regression would accept
+    itself once it filled half the window. `since` (ISO time: when the baseline was last written) drops the nights
+    before it: a change accepted by writing the baseline is judged against nights of the new normal only."""
     tags = night.tags()
-    query = f"tags.`{PROFILE_TAG}` = '{tags[PROFILE_TAG]}' and tags.`{MACHINE_TAG}` = '{tags[MACHINE_TAG]}'"
+    query = (f"tags.`{PROFILE_TAG}` = '{tags[PROFILE_TAG]}' and tags.`{MACHINE_TAG}` = '{tags[MACHINE_TAG]}' "
+             "and attributes.status = 'FINISHED'")  # fmt: skip
+    if since:
+        query += f" and attributes.start_time >= {int(datetime.fromisoformat(since).timestamp() * 1000)}"
     runs = client(night.tracking_uri).search_runs([night.experiment_id], query, order_by=["attributes.start_time DESC"],
                                                   max_results=EARLIER_NIGHTS + 1)  # fmt: skip
     found = [
@@ -93,12 +100,13 @@ def earlier(night: Tracker) -> list[Night]:
     return found[:EARLIER_NIGHTS][::-1]
 
 
-def baseline(path: Path, profile: str, machine_tag: str) -> dict[str, float]:
-    """The committed figures of `profile` on this machine; none for a machine the file does not know."""
+def baseline(path: Path, profile: str, machine_tag: str) -> dict[str, Any]:
+    """The committed entry of `profile` on this machine (its `figures`, and `since`: when it was written); empty for a
+    machine the file does not know."""
     if not path.exists():
         return {}
     entries = json.loads(path.read_text()).get(profile, [])
-    return next((entry["figures"] for entry in entries if entry["machine"] == machine_tag), {})
+    return next((entry for entry in entries if entry["machine"] == machine_tag), {})
 
 
 def write_baseline(path: Path, profile: str, figures: dict[str, float]) -> None:
@@ -107,6 +115,7 @@ def write_baseline(path: Path, profile: str, figures: dict[str, float]) -> None:
     entry = {
         "machine": machine()[MACHINE_TAG],
         "measured": f"{date.today().isoformat()}, commit {code_tags().get(GIT_COMMIT_TAG, 'unknown')[:12]}",
+        "since": datetime.now().isoformat(timespec="seconds"),
         "figures": {name: round(value, 6) for name, value in sorted(figures.items())},
     }
     data[profile] = [e for e in data.get(profile, []) if e["machine"] != entry["machine"]] + [entry]

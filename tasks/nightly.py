@@ -90,14 +90,25 @@ def check(night: Tracker, figures: dict[str, float], profile: str, baseline_file
     when a figure is out of its band."""
     tags = night.tags()
     machine = tags[_history.MACHINE_TAG]
-    earlier = _history.earlier(night)
-    reference = _history.baseline(baseline_file, profile, machine)
+    committed = _history.baseline(baseline_file, profile, machine)
+    reference = committed.get("figures", {})
+    earlier = _history.earlier(night, committed.get("since"))
     verdicts = judge(figures, [n.figures for n in earlier], reference)
+    if not reference:  # said in the run's state too, not only in its summary
+        night.client.set_tag(night.run_id, "dash.baseline", f"none for this machine in {baseline_file.name}")
     context = [
         f"machine: {machine}",
         f"commit: `{tags.get(GIT_COMMIT_TAG, 'unknown')}`",
-        f"earlier nights of this profile on this machine: {len(earlier)}",
-        f"baseline: {baseline_file.name}" + ("" if reference else " has none for this machine"),
+        f"earlier nights of this profile on this machine that passed"
+        + (f", since the baseline was written ({committed['since']})" if committed.get("since") else "")
+        + f": {len(earlier)}",
+        f"baseline: {baseline_file.name}"
+        + (
+            ""
+            if reference
+            else " has **none for this machine**: nights are judged "
+            "only against earlier nights, once there are enough of them"
+        ),
         mlflow_link(night.tracking_uri, night.experiment_id, night.run_id),
     ]
     text = summary(verdicts, f"dash-bench `{profile}`", context)

@@ -52,8 +52,10 @@ def judged(uri: str, figures: dict[str, float], baseline: Path) -> dict:
     """A night of `figures` logged to MLflow, then judged by the nightly's check, in a flow run as in dash-bench."""
     night = _history.start(uri, "dash-nightly", "quick", {})
     night.log_metrics(figures, step=0)
+    with night.failing():  # as in dash-bench: a regression ends the night's MLflow run as FAILED
+        report = check(night, figures, "quick", baseline)
     night.finish()
-    return check(night, figures, "quick", baseline)
+    return report
 
 
 def test_quick_profile_end_to_end(prefect_api, tmp_path):
@@ -63,6 +65,7 @@ def test_quick_profile_end_to_end(prefect_api, tmp_path):
     assert report["regressions"] == []  # no earlier night and no baseline: nothing to regress against
     client = MlflowClient(uri)
     run = client.get_run(report["run_id"])
+    assert run.data.tags["dash.baseline"] == "none for this machine in no-baseline.json"  # and the summary says so
     assert run.info.status == "FINISHED"
     # every figure of the quick profile on a CPU; the time to the gain only when the short run reaches it
     assert set(NIGHT) - {"curve/train_s_to_gain", "curve/iterations_to_gain"} <= set(run.data.metrics) <= set(NIGHT)
@@ -105,6 +108,29 @@ def test_a_night_forty_percent_slower_fails_the_check(prefect_api, tmp_path):
     client = MlflowClient(uri)
     logged = client.download_artifacts(report["run_id"], "summary.md", str(tmp_path))
     assert "**REGRESSION**" in open(logged).read()
+
+
+def test_failed_nights_never_become_the_reference(prefect_api, tmp_path):
+    """A lasting regression: every slow night fails, however many there are, because failed nights are not
+    references (with them, the median of 3 good and 3 slow nights would accept the fourth)."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    no_baseline = tmp_path / "no-baseline.json"
+    for noise in [0.95, 1.0, 1.05]:
+        judged(uri, slower(NIGHT, noise), no_baseline)
+    for _ in range(4):
+        with pytest.raises(RegressionError):
+            judged(uri, slower(NIGHT, 1.4), no_baseline)
+    # accepting the slower normal: writing the baseline starts the reference afresh from its time
+    accepted = tmp_path / "accepted.json"
+    _history.write_baseline(accepted, "quick", slower(NIGHT, 1.4))
+    assert judged(uri, slower(NIGHT, 1.4), accepted)["regressions"] == []
+    statuses = [
+        run.info.status
+        for run in MlflowClient(uri).search_runs(
+            [MlflowClient(uri).get_experiment_by_name("dash-nightly").experiment_id]
+        )
+    ]
+    assert sorted(statuses) == ["FAILED"] * 4 + ["FINISHED"] * 4
 
 
 def test_the_baseline_alone_flags_a_slow_night(prefect_api, tmp_path):

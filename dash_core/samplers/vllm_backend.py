@@ -71,6 +71,9 @@ class VLLMSampler(Sampler):
         self, policy: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, cfg: SamplerConfig, seed: int, work_dir: str
     ):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        # Logging is the trainer's (Prefect's and MLflow's handlers): vLLM's own dictConfig would close every handler
+        # of the process, and flushing Prefect's from inside a task hung a nightly run.
+        os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
         if os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] != "0":
             raise RuntimeError(
                 "sampler.backend=vllm syncs weights in memory, which needs the engine in this process: "
