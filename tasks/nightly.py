@@ -99,7 +99,7 @@ def check(night: Tracker, figures: dict[str, float], profile: str, baseline_file
     context = [
         f"machine: {machine}",
         f"commit: `{tags.get(GIT_COMMIT_TAG, 'unknown')}`",
-        f"earlier nights of this profile on this machine that passed"
+        "earlier nights of this profile on this machine that passed"
         + (f", since the baseline was written ({committed['since']})" if committed.get("since") else "")
         + f": {len(earlier)}",
         f"baseline: {baseline_file.name}"
