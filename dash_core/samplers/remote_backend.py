@@ -145,13 +145,14 @@ class RemoteSampler(Sampler):
         self.version += 1
         self.sync_dir.mkdir(parents=True, exist_ok=True)
         self.synced_bytes = 0
-        if not (adapter_only and adapted(policy)):
+        full = not (adapter_only and adapted(policy))
+        if full:
             self.weights = self.sync_dir / f"{WEIGHTS_PREFIX}{self.version}"
             self.synced_bytes += save_weights(policy, self.weights)
         if adapted(policy):
             self.adapter = self.sync_dir / f"{ADAPTER_PREFIX}{self.version}"
             self.synced_bytes += write_adapter(policy, self.adapter)
-        self._sync(list(self.servers), self.weights if not adapter_only else None, self.adapter)
+        self._sync(list(self.servers), self.weights if full else None, self.adapter)
         self._live()
         for old in [*self.sync_dir.glob(f"{WEIGHTS_PREFIX}*"), *self.sync_dir.glob(f"{ADAPTER_PREFIX}*")]:
             if old not in (self.weights, self.adapter):
