@@ -104,6 +104,10 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:
     offset = 0
     for name, tensor in items:
         size = tensor.numel() * tensor.element_size()
+        if tensor.dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(
+                f"{name}: cannot write a {tensor.dtype} tensor to safetensors; convert the model to bfloat16 or float32"
+            )
         header[name] = {
             "dtype": _SAFETENSORS_DTYPES[tensor.dtype],
             "shape": list(tensor.shape),
@@ -122,6 +126,7 @@ def save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> Path:
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
     torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL",
+    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
 }  # fmt: skip
 
 

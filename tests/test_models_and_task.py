@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from dash_core.config import ArithmeticTaskConfig, ModelConfig
@@ -77,3 +78,10 @@ def test_tensors_written_straight_from_memory_load_back_with_safetensors(tmp_pat
     back = load_file(save_tensors(tensors, tmp_path / "weights.safetensors"))
     assert set(back) == set(tensors)
     assert all(back[name].dtype == t.dtype and torch.equal(back[name], t) for name, t in tensors.items())
+    fp8 = torch.randn(4).to(torch.float8_e4m3fn)
+    back = load_file(save_tensors({"fp8": fp8}, tmp_path / "fp8.safetensors"))["fp8"]
+    assert back.dtype == fp8.dtype and torch.equal(back.view(torch.uint8), fp8.view(torch.uint8))
+    with pytest.raises(
+        ValueError, match="complex64 tensor"
+    ):  # a type the format has no name for: named, not a KeyError
+        save_tensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "z.safetensors")
